@@ -1,0 +1,65 @@
+"""Trainer callbacks: checkpoints, operative config, sample grids."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+import torch
+
+from selfflow.platform.sampling import class_grid_labels, generate, save_image_grid
+
+
+class CheckpointEvery:
+    """Save full state every `every` steps and at the last step (rank 0 only)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, logs) -> None:
+        last = trainer.step == trainer.config.steps
+        if last or (self.every and trainer.step % self.every == 0):
+            path = trainer.save_checkpoint()
+            if last and path is not None:
+                trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
+
+
+class LogOperativeConfig:
+    """After the first step, gin knows every parameter actually used: save and log it."""
+
+    def __init__(self):
+        self.done = False
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.done or trainer.rank != 0:
+            return
+        self.done = True
+        path = trainer.run_dir / "operative_config.gin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".gin.tmp")
+        temp.write_text(gin.operative_config_str())
+        temp.replace(path)
+        trainer.tracker.log_artifact(path)
+
+
+class SampleGrid:
+    """A grid of EMA samples from fixed noise (one row per class) at every eval step."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, logs) -> None:
+        last = trainer.step == trainer.config.steps
+        if trainer.rank != 0 or not (last or (self.every and trainer.step % self.every == 0)):
+            return
+        path = write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step)
+        trainer.tracker.log_artifact(path, "samples")
+
+
+def write_sample_grid(experiment, model, folder: Path, step: int) -> Path:
+    config = experiment.sampling
+    num_classes = experiment.num_classes
+    labels = class_grid_labels(num_classes, config.per_class) if num_classes else None
+    generator = torch.Generator().manual_seed(config.seed)
+    images = generate(model, experiment.tokenizer, config, labels, num_samples=config.per_class * 4, generator=generator)
+    value_range = getattr(experiment.tokenizer, "data_range", (0.0, 1.0))
+    return save_image_grid(images, Path(folder) / f"step-{step:08d}.png", nrow=config.per_class, value_range=value_range)

@@ -1,0 +1,182 @@
+"""The one gin root: `build_experiment` turns the parsed config into live components.
+
+Factories bound as `@Name` (no parentheses) are called here with what only the
+composition knows (token size, grid, number of classes, model width and depth),
+so presets never repeat those numbers. Arguments a factory does not accept are
+not passed.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gin
+from torch import nn
+
+from selfflow.platform.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    nan_policy: str = "raise"
+    num_threads: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.lr <= 0:
+            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.nan_policy not in ("raise", "skip"):
+            raise ConfigError(f"TrainConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """How the EMA model generates: sampler, grid, guidance."""
+
+    sampler: Any = None
+    steps: int = 32
+    shift: float = 1.0
+    cfg_scale: float = 1.0
+    cfg_interval: tuple = (0.0, 1.0)
+    per_class: int = 8
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ConfigError(f"SamplingConfig.steps must be positive, got {self.steps}")
+        if self.shift <= 0:
+            raise ConfigError(f"SamplingConfig.shift must be positive, got {self.shift}")
+        if self.per_class <= 0:
+            raise ConfigError(f"SamplingConfig.per_class must be positive, got {self.per_class}")
+
+
+@dataclass
+class Experiment:
+    name: str
+    tokenizer: Any
+    model: nn.Module
+    objective: nn.Module
+    data: Any
+    train: TrainConfig
+    sampling: SamplingConfig
+    evaluation: Any = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0))
+
+
+def call_with_context(factory: Callable[..., Any] | Any, context: dict[str, Any], what: str) -> Any:
+    """Call `factory` with the context arguments it accepts; instances pass through."""
+    if not callable(factory) or isinstance(factory, nn.Module):
+        return factory
+    target = factory
+    signature_source = getattr(target, "__init__", target) if inspect.isclass(target) else target
+    try:
+        parameters = inspect.signature(signature_source).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in context.items() if accepts_all or k in parameters}
+    try:
+        return factory(**kwargs)
+    except TypeError as error:
+        text = str(error)
+        if "missing" in text and "required" in text:
+            missing = text.split("argument")[-1].strip(": s")
+            raise ConfigError(f"missing required binding for {what}: {missing.splitlines()[0]}") from None
+        raise
+
+
+@gin.configurable(module="selfflow")
+def build_experiment(
+    name: str = "experiment",
+    tokenizer: Any = gin.REQUIRED,
+    backbone: Any = gin.REQUIRED,
+    objective: Any = gin.REQUIRED,
+    data: Any = gin.REQUIRED,
+    time_dist: Any = None,
+    train: TrainConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    evaluation: Any = None,
+) -> Experiment:
+    num_classes = int(getattr(data, "num_classes", 0))
+    context: dict[str, Any] = {
+        "in_dim": tokenizer.token_shape[1],
+        "grid": tuple(tokenizer.grid),
+        "num_classes": num_classes,
+    }
+    model = call_with_context(backbone, context, "the backbone")
+    context.update(
+        hidden_dim=model.hidden_dim,
+        depth=model.depth,
+        time_dist=time_dist,
+        encoder_input=tokenizer.decode,
+        num_tokens=tokenizer.token_shape[0],
+    )
+    if time_dist is None:
+        context.pop("time_dist")
+    built_objective = call_with_context(objective, context, "the objective")
+    tags = {
+        "objective": type(built_objective).__name__,
+        "dataset": str(getattr(data, "dataset", "unknown")),
+        "modality": str(getattr(data, "modality", "unknown")),
+        "backbone": type(model).__name__,
+    }
+    return Experiment(
+        name=name,
+        tokenizer=tokenizer,
+        model=model,
+        objective=built_objective,
+        data=data,
+        train=train or TrainConfig(),
+        sampling=sampling or SamplingConfig(),
+        evaluation=evaluation,
+        tags=tags,
+    )
+
+
+def build_from_gin() -> Experiment:
+    """Build the experiment from the current (parsed) gin state with one-line errors."""
+    try:
+        return build_experiment()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as error:
+        text = str(error)
+        first = text.strip().splitlines()[0]
+        if "Required bindings" in text:
+            raise ConfigError(f"missing required binding: {first}") from None
+        if "No values supplied by Gin or caller for arguments" in text:
+            where = [line.strip() for line in text.splitlines() if "In call to configurable" in line]
+            missing = [line.strip() for line in text.splitlines() if "No values supplied" in line]
+            raise ConfigError(f"missing required binding: {missing[0]} {where[-1] if where else ''}") from None
+        where = [line.strip() for line in text.splitlines() if "In call to configurable" in line]
+        raise ConfigError(f"{first} ({where[-1]})" if where else first) from None

@@ -1,0 +1,45 @@
+"""Registers components with gin. Components themselves never import gin.
+
+`gin.register` leaves the classes untouched (instances stay plain, picklable
+objects of the original class); gin applies bindings only when a config
+references them (`@DiT`, `@UniformTime()`).
+"""
+from __future__ import annotations
+
+import gin
+
+_REGISTERED = False
+
+
+def _families() -> dict[str, list]:
+    from selfflow.components.backbones.dit import DiT
+    from selfflow.components.objectives.flow_matching import FlowMatchingObjective
+    from selfflow.components.objectives.selfflow import SelfFlowObjective
+    from selfflow.components.samplers.ode import EulerSampler, HeunSampler
+    from selfflow.components.samplers.sde import EulerMaruyamaSampler
+    from selfflow.components.schedules.dual import DualTimestepScheduler
+    from selfflow.components.schedules.timesteps import LogitNormalTime, ShiftedTime, UniformTime
+    from selfflow.components.tokenizers.pixels import PixelTokenizer
+    from selfflow.platform.datasource import ShardData
+    from selfflow.platform.experiment import SamplingConfig, TrainConfig
+
+    return {
+        "backbones": [DiT],
+        "tokenizers": [PixelTokenizer],
+        "schedules": [UniformTime, LogitNormalTime, ShiftedTime, DualTimestepScheduler],
+        "objectives": [FlowMatchingObjective, SelfFlowObjective],
+        "samplers": [EulerSampler, HeunSampler, EulerMaruyamaSampler],
+        "selfflow": [TrainConfig, SamplingConfig, ShardData],
+    }
+
+
+def register_all() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    for module, items in _families().items():
+        for item in items:
+            gin.register(item, module=module)
+    import selfflow.platform.experiment  # noqa: F401  registers build_experiment
+
+    _REGISTERED = True

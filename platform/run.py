@@ -1,0 +1,113 @@
+"""One training run on one process: config -> experiment -> trainer -> MLflow.
+
+Ray Train workers call `train_worker` with the driver's gin config string.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from selfflow.platform import checkpoint as ckpt
+from selfflow.platform import config as gin_config
+from selfflow.platform.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid
+from selfflow.platform.errors import UserError
+from selfflow.platform.experiment import Experiment, build_from_gin
+from selfflow.platform.tracking import MLflowTracker, NullTracker, git_commit
+from selfflow.platform.trainer import Trainer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    mlflow_run_id: str | None
+    final_metrics: dict[str, float]
+    checkpoint: Path | None
+    tracking_uri: str | None
+
+
+def default_run_dir(runs_dir: str | Path, name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return Path(runs_dir) / safe
+
+
+def extra_callbacks(experiment: Experiment) -> list:
+    """Evaluation callbacks configured in gin (issue: evaluation suite)."""
+    evaluation = experiment.evaluation
+    if evaluation is None:
+        return []
+    make = getattr(evaluation, "callback", None)
+    return [make()] if callable(make) else []
+
+
+def train(
+    gin_files: Sequence[str],
+    gin_params: Sequence[str] = (),
+    *,
+    run_dir: str | Path | None = None,
+    runs_dir: str | Path = "runs",
+    resume: bool = False,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    config_str = gin_config.parse(gin_files, gin_params)
+    experiment = build_from_gin()
+    run_dir = Path(run_dir) if run_dir else default_run_dir(runs_dir, experiment.name)
+    checkpoint_dir = run_dir / "checkpoints"
+    state = None
+    if resume:
+        ckpt.clean_temp_files(checkpoint_dir)
+        latest = ckpt.latest(checkpoint_dir)
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {checkpoint_dir}")
+        state = ckpt.load(latest)
+    elif ckpt.latest(checkpoint_dir) is not None:
+        raise UserError(f"run folder {run_dir} already has checkpoints: pass --resume or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.gin").write_text(config_str)
+
+    tracker = NullTracker()
+    if tracking:
+        tags = dict(experiment.tags, git_commit=git_commit(), run_dir=str(run_dir.resolve()))
+        tracker = MLflowTracker(
+            tracking_uri=tracking_uri,
+            experiment=experiment_name or "selfflow",
+            run_id=(state or {}).get("mlflow_run_id") or None,
+            run_name=experiment.name,
+            tags=tags,
+            parent_run_id=parent_run_id,
+            runs_dir=runs_dir,
+        )
+        if state is None:
+            tracker.log_params(gin_config.flatten_config(config_str))
+    data = experiment.data.loader(
+        batch_size=experiment.train.batch_size, seed=experiment.train.seed, rank=0, world_size=1
+    )
+    callbacks = [
+        LogOperativeConfig(),
+        SampleGrid(experiment.train.eval_every),
+        *extra_callbacks(experiment),
+        CheckpointEvery(experiment.train.checkpoint_every),
+    ]
+    trainer = Trainer(experiment, data, run_dir, tracker=tracker, callbacks=callbacks, progress=progress)
+    trainer.mlflow_run_id = tracker.run_id
+    if state is not None:
+        trainer.load_state_dict(state, source=ckpt.latest(checkpoint_dir))
+        trainer.mlflow_run_id = tracker.run_id
+    status = "FAILED"
+    try:
+        final = trainer.fit()
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    return RunResult(
+        run_dir=run_dir,
+        mlflow_run_id=tracker.run_id,
+        final_metrics=final,
+        checkpoint=ckpt.latest(checkpoint_dir),
+        tracking_uri=getattr(tracker, "tracking_uri", None),
+    )

@@ -1,0 +1,242 @@
+"""The training loop. It knows only the seams: tokenizer, backbone, objective, data, tracker.
+
+Everything else (sampling grids, evaluation, checkpoint retention) hangs off
+callbacks so the loop stays short.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from selfflow.components.core import Batch, LossTerms
+from selfflow.components.ema import EMA
+from selfflow.platform import checkpoint as ckpt
+from selfflow.platform.errors import TrainingError
+from selfflow.platform.experiment import Experiment
+from selfflow.platform.tracking import NullTracker, Tracker
+
+
+class TrainingModule(nn.Module):
+    """Backbone + objective in one module, so DDP all-reduces the heads' gradients too."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch, teacher: nn.Module | None, generator: torch.Generator) -> LossTerms:
+        return self.objective(batch, self.model, teacher, generator)
+
+
+class Callback(Protocol):
+    def on_step_end(self, trainer: "Trainer", logs: dict[str, float]) -> None: ...
+
+
+@dataclass
+class RunningMeans:
+    """Means of logged values since the last flush; saved in checkpoints so that
+    a resumed run logs exactly what an uninterrupted one would."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def warmup_lambda(warmup_steps: int):
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return factor
+
+
+class Trainer:
+    def __init__(
+        self,
+        experiment: Experiment,
+        data: Iterator[dict[str, torch.Tensor]],
+        run_dir: str | Path,
+        tracker: Tracker | None = None,
+        callbacks: Sequence[Callback] = (),
+        rank: int = 0,
+        world_size: int = 1,
+        wrap_module=None,
+        progress: bool = True,
+    ):
+        self.experiment = experiment
+        self.config = experiment.train
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.tracker = tracker or NullTracker()
+        self.callbacks = list(callbacks)
+        self.rank, self.world_size = rank, world_size
+        self.progress = progress and rank == 0
+
+        torch.manual_seed(self.config.seed)
+        self.module = TrainingModule(experiment.model, experiment.objective)
+        self.ema = EMA(experiment.model, decay=self.config.ema_decay)
+        # DDP (or anything else) wraps the training module; the EMA tracks the bare backbone.
+        self.step_module = wrap_module(self.module) if wrap_module else self.module
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=self.config.lr, betas=tuple(self.config.betas), weight_decay=self.config.weight_decay
+        )
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.config.warmup_steps))
+        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + rank)
+        self.step = 0
+        self.skipped = 0
+        self.running = RunningMeans()
+        self.mlflow_run_id: str | None = getattr(self.tracker, "run_id", None)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.experiment.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model
+
+    # ---- one step -------------------------------------------------------------------------
+    def make_batch(self, raw: dict[str, torch.Tensor]) -> Batch:
+        x0 = self.experiment.tokenizer.encode(raw["x"])
+        cond = raw.get("y") if self.experiment.num_classes > 0 else None
+        return Batch(x0=x0, cond=cond)
+
+    def train_step(self, raw: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.step_module.train()
+        batch = self.make_batch(raw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            out: LossTerms = self.step_module(batch, self.ema.model, self.generator)
+        loss = out.total()
+        bad = [name for name, value in out.terms.items() if not torch.isfinite(value.detach()).all()]
+        if bad:
+            return self._non_finite(f"loss term '{bad[0]}'")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(
+            [p for p in self.module.parameters() if p.requires_grad],
+            self.config.grad_clip if self.config.grad_clip > 0 else math.inf,
+        )
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._non_finite("gradient norm")
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.update(self.module.model)
+        logs = {f"loss/{name}": float(value.detach()) for name, value in out.terms.items()}
+        logs["loss/total"] = float(loss.detach())
+        logs.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
+        logs["train/grad_norm"] = float(grad_norm)
+        return logs
+
+    def _non_finite(self, what: str) -> dict[str, float]:
+        if self.config.nan_policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return {"train/skipped_batches": float(self.skipped)}
+        raise TrainingError(
+            f"non-finite {what} at step {self.step + 1}; stopping (last good checkpoint kept in {self.checkpoint_dir})"
+        )
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        config = self.config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc=self.experiment.name, dynamic_ncols=True)
+        last: dict[str, float] = {}
+        tick, ticked_steps = time.perf_counter(), 0
+        while self.step < config.steps:
+            raw = next(self.data)
+            logs = self.train_step(raw)
+            self.step += 1
+            ticked_steps += 1
+            self.running.add(logs)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                elapsed = time.perf_counter() - tick
+                metrics = self.running.flush()
+                metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                metrics["train/samples_per_s"] = ticked_steps * config.batch_size * self.world_size / max(elapsed, 1e-9)
+                self.tracker.log_metrics(metrics, step=self.step)
+                last = metrics
+                tick, ticked_steps = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
+                                    sps=f"{metrics['train/samples_per_s']:.0f}")
+            for callback in self.callbacks:
+                callback.on_step_end(self, logs)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return last
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else {}
+        return {
+            "step": self.step,
+            "model": self.module.model.state_dict(),
+            "objective": self.module.objective.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "data": data_state,
+            "running": {"sums": dict(self.running.sums), "count": self.running.count},
+            "skipped": self.skipped,
+            "mlflow_run_id": self.mlflow_run_id or "",
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "checkpoint") -> None:
+        ckpt.load_model_state(self.module.model, state["model"], "backbone", source)
+        ckpt.load_model_state(self.module.objective, state["objective"], "objective", source)
+        ckpt.load_model_state(self.ema.model, state["ema"]["model"], "EMA backbone", source)
+        self.ema.updates = int(state["ema"]["updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("data") and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        self.running = RunningMeans(dict(state["running"]["sums"]), int(state["running"]["count"]))
+        self.skipped = int(state.get("skipped", 0))
+        self.step = int(state["step"])
+        self.mlflow_run_id = state.get("mlflow_run_id") or None
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = ckpt.save_atomic(self.state_dict(), ckpt.step_path(self.checkpoint_dir, self.step))
+        for _, old in ckpt.list_checkpoints(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load the given checkpoint, or the newest in this run's folder. False if none."""
+        ckpt.clean_temp_files(self.checkpoint_dir)
+        path = Path(path) if path else ckpt.latest(self.checkpoint_dir)
+        if path is None:
+            return False
+        self.load_state_dict(ckpt.load(path), source=path)
+        return True
