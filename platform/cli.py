@@ -53,6 +53,25 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encoder(args: argparse.Namespace) -> int:
+    from selfflow.platform import config
+    from selfflow.platform.encoders import EncoderTraining
+
+    if not args.gin_file:
+        raise UserError("encoder needs --gin_file (e.g. --gin_file encoders/digits_small.gin)")
+    config.parse(args.gin_file, args.gin_param)
+    try:
+        job = EncoderTraining()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
+    metrics = job.run()
+    print(f"encoder:         {job.out}  ({int(metrics['parameters'])} parameters, size {job.size})")
+    for key in ("train_accuracy", "test_accuracy", "final_loss"):
+        if key in metrics:
+            print(f"  {key:<16} {metrics[key]:.4f}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from selfflow.platform.inference import load_for_sampling
     from selfflow.platform.callbacks import write_sample_grid
@@ -102,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("encoder", help="train a REPA external encoder from a gin file (encoders/digits_*.gin)")
+    _add_gin_args(p)
+    p.set_defaults(func=_cmd_encoder)
 
     p = sub.add_parser("sample", help="sample a class grid from a run's EMA model")
     p.add_argument("--run-dir", required=True, help="a run folder written by `selfflow train`")

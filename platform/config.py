@@ -130,7 +130,7 @@ def _suggest(name: str, options: Iterable[str]) -> str:
 
 def _configurable_names() -> list[str]:
     names = []
-    for selector in gin.config._REGISTRY:
+    for selector, _ in gin.config._REGISTRY.items():
         names.append(selector.split(".")[-1])
     return names
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import gin
 from torch import nn
 
-from selfflow.platform.errors import ConfigError
+from selfflow.platform.errors import ConfigError, UserError
 
 
 @dataclass
@@ -122,7 +122,6 @@ def build_experiment(
     backbone: Any = gin.REQUIRED,
     objective: Any = gin.REQUIRED,
     data: Any = gin.REQUIRED,
-    time_dist: Any = None,
     train: TrainConfig | None = None,
     sampling: SamplingConfig | None = None,
     evaluation: Any = None,
@@ -137,12 +136,9 @@ def build_experiment(
     context.update(
         hidden_dim=model.hidden_dim,
         depth=model.depth,
-        time_dist=time_dist,
         encoder_input=tokenizer.decode,
         num_tokens=tokenizer.token_shape[0],
     )
-    if time_dist is None:
-        context.pop("time_dist")
     built_objective = call_with_context(objective, context, "the objective")
     tags = {
         "objective": type(built_objective).__name__,
@@ -169,6 +165,8 @@ def build_from_gin() -> Experiment:
         return build_experiment()
     except ConfigError:
         raise
+    except UserError as error:  # gin re-raises it as a proxy subclass with call-site lines appended
+        raise UserError(str(error).strip().splitlines()[0]) from None
     except (TypeError, ValueError, RuntimeError) as error:
         text = str(error)
         first = text.strip().splitlines()[0]

@@ -13,8 +13,11 @@ _REGISTERED = False
 
 def _families() -> dict[str, list]:
     from selfflow.components.backbones.dit import DiT
+    from selfflow.components.encoders.digit_encoder import DigitEncoder
+    from selfflow.components.encoders.timm_encoder import TimmEncoder
     from selfflow.components.objectives.flow_matching import FlowMatchingObjective
-    from selfflow.components.objectives.selfflow import SelfFlowObjective
+    from selfflow.components.objectives.repa import REPAObjective
+    from selfflow.components.objectives.selfflow import SelfFlowObjective, SRAObjective
     from selfflow.components.samplers.ode import EulerSampler, HeunSampler
     from selfflow.components.samplers.sde import EulerMaruyamaSampler
     from selfflow.components.schedules.dual import DualTimestepScheduler
@@ -27,7 +30,8 @@ def _families() -> dict[str, list]:
         "backbones": [DiT],
         "tokenizers": [PixelTokenizer],
         "schedules": [UniformTime, LogitNormalTime, ShiftedTime, DualTimestepScheduler],
-        "objectives": [FlowMatchingObjective, SelfFlowObjective],
+        "objectives": [FlowMatchingObjective, SelfFlowObjective, SRAObjective, REPAObjective],
+        "encoders": [TimmEncoder, DigitEncoder],
         "samplers": [EulerSampler, HeunSampler, EulerMaruyamaSampler],
         "selfflow": [TrainConfig, SamplingConfig, ShardData],
     }
@@ -40,6 +44,7 @@ def register_all() -> None:
     for module, items in _families().items():
         for item in items:
             gin.register(item, module=module)
+    import selfflow.platform.encoders  # noqa: F401  registers encoder training and loading
     import selfflow.platform.experiment  # noqa: F401  registers build_experiment
 
     _REGISTERED = True

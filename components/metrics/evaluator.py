@@ -1,0 +1,172 @@
+"""The evaluator network of small image datasets: a CNN classifier, and its pure-torch fit.
+
+Generated samples are scored on this network's features (Fréchet distance,
+precision/recall) and its predictions (does a sample of class c look like c?).
+It is deliberately NOT the REPA external encoder (components/encoders/
+digit_encoder.py, a ViT on 2x2 patches): a different architecture
+(convolutions, no attention, global average pooling), trained separately, so
+REPA is never scored by its own teacher.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DigitClassifierCNN(nn.Module):
+    """Conv classifier for small images (B, C, H, W) with values in `data_range`.
+
+    Two stages of [conv3x3-ReLU-conv3x3-ReLU] with a 2x2 max-pool between them,
+    then global average pooling: the pooled vector (width channels[-1]) is the
+    feature space (like Inception's pool features), a linear layer gives logits.
+    seed: parameter initialisation from a private RNG (the global one is untouched).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 8,
+        channels: Sequence[int] = (32, 64),
+        data_range: Sequence[float] = (0.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        channels = tuple(channels)
+        if len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels):
+            raise ValueError(f"channels must be two positive ints (one per stage), got {channels!r}")
+        if image_size < 2:
+            raise ValueError(f"image_size must be >= 2 (one 2x2 pooling), got {image_size}")
+        low, high = (float(v) for v in data_range)
+        if not high > low:
+            raise ValueError(f"data_range must be (low, high) with high > low, got {tuple(data_range)}")
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.channels, self.data_range, self.seed = channels, (low, high), seed
+        self.num_features = channels[-1]
+        first, second = channels
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.stage1 = nn.Sequential(
+                nn.Conv2d(in_channels, first, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(first, first, 3, padding=1), nn.ReLU(),
+            )
+            self.stage2 = nn.Sequential(
+                nn.Conv2d(first, second, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(second, second, 3, padding=1), nn.ReLU(),
+            )
+            self.head = nn.Linear(second, num_classes)
+
+    def config(self) -> dict:
+        """Constructor arguments (plain values): enough to rebuild the network."""
+        return {"num_classes": self.num_classes, "in_channels": self.in_channels, "image_size": self.image_size,
+                "channels": list(self.channels), "data_range": list(self.data_range), "seed": self.seed}
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if images.dim() == 3 and self.in_channels == 1:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"evaluator takes images (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        return images.float()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_features) pooled features."""
+        low, high = self.data_range
+        x = (self._check(images) - (low + high) / 2) / ((high - low) / 2)  # -> [-1, 1]
+        x = F.max_pool2d(self.stage1(x), 2)
+        return self.stage2(x).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes)."""
+        return self.head(self.features(images))
+
+
+@torch.no_grad()
+def batched_outputs(model: nn.Module, images: torch.Tensor,
+                    batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features (M, D), logits (M, C) or None) of `model` in eval mode, in batches.
+
+    `model` has `features(images)`; logits come from its `head` when it has one.
+    """
+    was_training = model.training
+    model.eval()
+    head = getattr(model, "head", None)
+    features, logits = [], []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = model.features(images[start:start + batch_size])
+        features.append(chunk)
+        if head is not None:
+            logits.append(head(chunk))
+    model.train(was_training)
+    return torch.cat(features), (torch.cat(logits) if head is not None else None)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+    """Translate each image by its own integer offset in [-max_shift, max_shift]^2, filling with `fill`."""
+    if max_shift <= 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4, value=fill)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator)
+    rows = offsets[0][:, None] + torch.arange(height)  # (B, H) rows of the padded image
+    cols = offsets[1][:, None] + torch.arange(width)  # (B, W)
+    picked = padded.permute(0, 2, 3, 1)[torch.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return picked.permute(0, 3, 1, 2)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Share of images the classifier labels correctly."""
+    _, logits = batched_outputs(model, images, batch_size)
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def fit_classifier(
+    model: DigitClassifierCNN,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    max_shift: int = 1,
+) -> dict[str, float]:
+    """Supervised training (AdamW, cross-entropy, cosine-decayed lr, random shifts).
+
+    images (M, C, H, W) in the model's data_range, labels (M,) int64. Minibatches and
+    shifts come from `generator`. Returns {"final_loss", "train_accuracy"}; the model
+    ends in eval mode with gradients off.
+    """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"need as many labels as images (> 0), got {images.shape[0]} images, {labels.shape[0]} labels")
+    if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
+        raise ValueError(f"labels must lie in [0, {model.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    images, labels = images.float(), labels.long()
+    model.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        index = torch.randint(images.shape[0], (batch_size,), generator=generator)
+        batch = random_shift(images[index], max_shift, generator, fill=model.data_range[0])
+        loss = F.cross_entropy(model(batch), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.requires_grad_(False)
+    model.eval()
+    return {"final_loss": float(loss.detach()), "train_accuracy": accuracy(model, images, labels)}

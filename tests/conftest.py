@@ -1,0 +1,33 @@
+"""Shared fixtures: a digits shard set built once per session, small thread counts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The machine has 2 cores: one intra-op thread keeps tests stable and fast.
+torch.set_num_threads(1)
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from selfflow.platform.data.shards import build_digits_shards
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    build_digits_shards(root, seed=0)
+    return root
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch, digits_root):
+    """Run in a temp folder that has data/digits (a link to the session shards)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits").symlink_to(digits_root)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

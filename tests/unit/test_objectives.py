@@ -1,0 +1,427 @@
+"""Objectives: losses re-derived from the formulas with replayed generator draws, and their wiring."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfflow.components.backbones.dit import DiT
+from selfflow.components.core import Batch
+from selfflow.components.encoders.digit_encoder import DigitEncoder
+from selfflow.components.objectives import (
+    FlowMatchingObjective,
+    ProjectorHead,
+    REPAObjective,
+    SelfFlowObjective,
+    SRAObjective,
+    resize_token_grid,
+    resolve_layer,
+)
+from selfflow.components.objectives.common import (
+    cosine_alignment_loss,
+    drop_labels,
+    l1_alignment_loss,
+    smooth_l1_alignment_loss,
+)
+from selfflow.components.schedules.dual import DualTimestepScheduler
+from selfflow.components.schedules.timesteps import LogitNormalTime, UniformTime
+
+torch.set_num_threads(1)
+
+B, GRID, P, HIDDEN, DEPTH, CLASSES = 6, (4, 4), 4, 32, 4, 10
+N = GRID[0] * GRID[1]
+STUDENT_LAYER, TEACHER_LAYER = 1, 3  # round(0.3 * 4), round(0.7 * 4)
+
+
+def randomised(model: nn.Module, seed: int) -> nn.Module:
+    # adaLN-Zero starts with zero gates and output: give every weight a value so losses are informative.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def tiny_dit(seed: int = 0, num_classes: int = CLASSES) -> DiT:
+    return randomised(DiT(P, GRID, HIDDEN, DEPTH, num_heads=2, num_classes=num_classes), seed)
+
+
+def make_batch(seed: int = 1, conditional: bool = True) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, N, P, generator=generator)
+    cond = torch.randint(CLASSES, (B,), generator=generator) if conditional else None
+    return Batch(x0=x0, cond=cond)
+
+
+class Recorder(nn.Module):
+    """Wraps a backbone and logs every call (who, t, cond, keyword arguments) in a shared list."""
+
+    def __init__(self, model: nn.Module, name: str, log: list) -> None:
+        super().__init__()
+        self.model, self.name, self.log = model, name, log
+        self.depth, self.hidden_dim = model.depth, model.hidden_dim
+        self.num_classes, self.grid = model.num_classes, model.grid
+
+    def forward(self, x, t, cond, **kwargs):
+        self.log.append({"who": self.name, "x": x.detach().clone(), "t": t.detach().clone(),
+                         "cond": None if cond is None else cond.clone(), **kwargs})
+        return self.model(x, t, cond, **kwargs)
+
+
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(t.shape + (1,) * (x0.dim() - t.dim()))
+    return (1 - t) * x0 + t * eps
+
+
+def replay_dropout(labels: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.where(torch.rand(labels.shape, generator=generator) < probability, CLASSES, labels)
+
+
+def selfflow(**kwargs) -> SelfFlowObjective:
+    kwargs.setdefault("time_dist", UniformTime())
+    return SelfFlowObjective(hidden_dim=HIDDEN, depth=DEPTH, num_classes=CLASSES, **kwargs)
+
+
+# ----- helpers ----------------------------------------------------------------------------------
+
+
+def test_resolve_layer_ratios_and_indices() -> None:
+    assert (resolve_layer(0.3, 28), resolve_layer(0.7, 28)) == (8, 20)
+    assert (resolve_layer(0.3, DEPTH), resolve_layer(0.7, DEPTH)) == (STUDENT_LAYER, TEACHER_LAYER)
+    assert resolve_layer(0.05, 4) == 1 and resolve_layer(1.0, 4) == 4  # clamped to 1..depth
+    assert resolve_layer(3, 4) == 3
+    for bad in (0, 5, 0.0, 1.5, -0.2):
+        with pytest.raises(ValueError):
+            resolve_layer(bad, 4)
+    with pytest.raises(TypeError):
+        resolve_layer(True, 4)
+
+
+def test_alignment_losses_match_formulas() -> None:
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 5, 7, generator=generator), torch.randn(2, 5, 7, generator=generator)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    torch.testing.assert_close(cosine_alignment_loss(a, b), (1 - cos).mean())
+    torch.testing.assert_close(cosine_alignment_loss(a, 3 * a), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(l1_alignment_loss(a, b), (a - b).abs().mean())
+    d = (a - b).abs()
+    torch.testing.assert_close(smooth_l1_alignment_loss(a, b), torch.where(d < 1, 0.5 * d**2, d - 0.5).mean())
+
+
+def test_label_dropout_uses_the_generator_and_the_null_class() -> None:
+    labels = torch.arange(CLASSES).repeat(100)
+    dropped = drop_labels(labels, 0.3, CLASSES, torch.Generator().manual_seed(0))
+    replay = replay_dropout(labels, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, replay)
+    assert abs((dropped == CLASSES).float().mean().item() - 0.3) < 0.05
+    assert torch.equal(dropped[dropped != CLASSES], labels[dropped != CLASSES])
+    assert drop_labels(None, 0.3, 0, torch.Generator()) is None
+    assert torch.equal(drop_labels(labels, 0.0, CLASSES, torch.Generator()), labels)
+
+
+def test_projector_heads() -> None:
+    two = ProjectorHead(8, 5)
+    assert [type(m) for m in two.mlp] == [nn.Linear, nn.SiLU, nn.Linear]
+    assert two.mlp[0].out_features == 16 and two(torch.zeros(2, 3, 8)).shape == (2, 3, 5)
+    repa = ProjectorHead(8, 5, kind="repa", hidden_width=12)
+    assert [type(m) for m in repa.mlp] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
+    assert repa.mlp[2].in_features == repa.mlp[2].out_features == 12
+    assert ProjectorHead(8, 5, kind="repa").hidden_width == 2048
+    with pytest.raises(ValueError, match="kind"):
+        ProjectorHead(8, 5, kind="three_layer")
+
+
+# ----- vanilla flow matching --------------------------------------------------------------------
+
+
+def test_flow_matching_loss_equals_rederivation() -> None:
+    model, batch = tiny_dit(), make_batch()
+    dist = LogitNormalTime(0.2, 1.0)
+    objective = FlowMatchingObjective(dist, label_dropout=0.5, num_classes=CLASSES)
+    terms = objective(batch, model, None, torch.Generator().manual_seed(11))
+
+    replay = torch.Generator().manual_seed(11)
+    t = dist.sample((B,), replay)
+    eps = torch.randn(B, N, P, generator=replay)
+    cond = replay_dropout(batch.cond, 0.5, replay)
+    assert (cond == CLASSES).any() and (cond != CLASSES).any()
+    with torch.no_grad():
+        velocity = model(interpolate(batch.x0, eps, t), t, cond).velocity
+    expected = ((velocity - (eps - batch.x0)) ** 2).mean()
+    torch.testing.assert_close(terms.terms["flow"], expected)
+    assert terms.weights == {"flow": 1.0}
+    torch.testing.assert_close(terms.diagnostics["t_mean"], t.mean())
+    assert list(objective.parameters()) == []
+
+
+def test_flow_matching_unconditional_and_mismatch() -> None:
+    model = tiny_dit(num_classes=0)
+    objective = FlowMatchingObjective(UniformTime(), num_classes=0)
+    terms = objective(make_batch(conditional=False), model, None, torch.Generator().manual_seed(0))
+    assert terms.total().ndim == 0 and terms.total() > 0
+    with pytest.raises(ValueError, match="num_classes"):
+        FlowMatchingObjective(UniformTime(), num_classes=CLASSES)(make_batch(), model, None, torch.Generator())
+
+
+# ----- Self-Flow --------------------------------------------------------------------------------
+
+
+def test_selfflow_loss_equals_rederivation() -> None:
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    objective = selfflow(label_dropout=0.5)
+    terms = objective(batch, student, teacher, torch.Generator().manual_seed(21))
+
+    replay = torch.Generator().manual_seed(21)
+    t, s = torch.rand(B, generator=replay), torch.rand(B, generator=replay)  # UniformTime draws
+    mask = torch.rand(B, N, generator=replay) < 0.25
+    eps = torch.randn(B, N, P, generator=replay)
+    cond = replay_dropout(batch.cond, 0.5, replay)
+    tau = torch.where(mask, s[:, None], t[:, None])
+    t_min = torch.minimum(t, s)
+    assert mask.any() and (t < s).any() and (t > s).any()
+    with torch.no_grad():
+        target_features = teacher(interpolate(batch.x0, eps, t_min), t_min, cond,
+                                  return_layers=(TEACHER_LAYER,)).hidden[TEACHER_LAYER]
+        out = student(interpolate(batch.x0, eps, tau), tau, cond, return_layers=(STUDENT_LAYER,))
+        projected = objective.head(out.hidden[STUDENT_LAYER])
+    flow = ((out.velocity - (eps - batch.x0)) ** 2).mean()
+    cos = F.cosine_similarity(projected, target_features, dim=-1)
+    rep = (1 - cos).mean()
+    torch.testing.assert_close(terms.terms["flow"], flow)
+    torch.testing.assert_close(terms.terms["rep"], rep)
+    assert terms.weights == {"flow": 1.0, "rep": 0.8}
+    torch.testing.assert_close(terms.total(), flow + 0.8 * rep)
+    torch.testing.assert_close(terms.diagnostics["rep_cosine"], cos.mean())
+    torch.testing.assert_close(terms.diagnostics["masked_fraction"], mask.float().mean())
+    torch.testing.assert_close(terms.diagnostics["t_s_gap"], (t - s).abs().mean())
+    torch.testing.assert_close(terms.diagnostics["teacher_gap"], (tau - t_min[:, None]).mean())
+
+
+def test_no_gradient_reaches_the_teacher_and_only_the_head_is_trained() -> None:
+    student, teacher = tiny_dit(0), tiny_dit(5)
+    objective = selfflow()
+    assert {id(p) for p in objective.parameters()} == {id(p) for p in objective.head.parameters()}
+    assert len(list(objective.parameters())) == 4
+    before = copy.deepcopy(teacher.state_dict())
+    objective(make_batch(), student, teacher, torch.Generator().manual_seed(0)).total().backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # never touched
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert all(p.grad is not None for p in objective.head.parameters())
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_teacher_runs_first_with_early_exit_and_same_labels() -> None:
+    log: list = []
+    student, teacher = Recorder(tiny_dit(0), "student", log), Recorder(tiny_dit(5), "teacher", log)
+    selfflow(label_dropout=0.5)(make_batch(), student, teacher, torch.Generator().manual_seed(2))
+    assert [call["who"] for call in log] == ["teacher", "student"]
+    teacher_call, student_call = log
+    assert teacher_call["stop_at"] == TEACHER_LAYER and TEACHER_LAYER in teacher_call["return_layers"]
+    assert student_call.get("stop_at") is None and student_call["return_layers"] == (STUDENT_LAYER,)
+    assert torch.equal(teacher_call["cond"], student_call["cond"])
+    assert (teacher_call["cond"] == CLASSES).any()  # dropout happened, identically for both
+    assert teacher_call["t"].shape == (B,) and student_call["t"].shape == (B, N)
+    assert (teacher_call["t"][:, None] <= student_call["t"]).all()
+
+    log.clear()
+    selfflow(early_exit=False)(make_batch(), student, teacher, torch.Generator().manual_seed(2))
+    assert log[0]["who"] == "teacher" and log[0]["stop_at"] is None
+
+
+def test_early_exit_gives_the_same_loss() -> None:
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    early = selfflow()
+    late = selfflow(early_exit=False)
+    late.load_state_dict(early.state_dict())
+    a = early(batch, student, teacher, torch.Generator().manual_seed(4))
+    b = late(batch, student, teacher, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a.terms["rep"], b.terms["rep"])
+
+
+def test_gamma_zero_never_calls_the_teacher() -> None:
+    log: list = []
+    student, teacher = Recorder(tiny_dit(0), "student", log), Recorder(tiny_dit(5), "teacher", log)
+    objective = selfflow(gamma=0.0)
+    terms = objective(make_batch(), student, teacher, torch.Generator().manual_seed(0))
+    assert [call["who"] for call in log] == ["student"]
+    assert set(terms.terms) == {"flow"} and list(objective.parameters()) == []
+    assert log[0]["t"].shape == (B, N)  # still dual-timestep noise
+    objective(make_batch(), student, None, torch.Generator().manual_seed(0))  # no teacher needed
+
+
+def test_missing_teacher_and_wrong_backbone_raise() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        selfflow()(make_batch(), tiny_dit(), None, torch.Generator())
+    with pytest.raises(ValueError, match="depth"):
+        SelfFlowObjective(UniformTime(), hidden_dim=HIDDEN, depth=6, num_classes=CLASSES)(
+            make_batch(), tiny_dit(), tiny_dit(), torch.Generator())
+    with pytest.raises(ValueError, match="exactly one"):
+        SelfFlowObjective(UniformTime(), DualTimestepScheduler(UniformTime()), hidden_dim=HIDDEN, depth=DEPTH)
+    with pytest.raises(ValueError, match="attention_separation"):
+        selfflow(attention_separation="teacher")
+
+
+def test_inference_with_scalar_t_does_not_involve_the_projector() -> None:
+    student, batch = tiny_dit(0), make_batch()
+    objective = selfflow()
+    t = torch.full((B,), 0.5)
+    with torch.no_grad():
+        before = student(batch.x0, t, batch.cond).velocity
+        for parameter in objective.head.parameters():
+            parameter.add_(1.0)
+        after = student(batch.x0, t, batch.cond).velocity
+    assert torch.equal(before, after)
+    head_ids = {id(p) for p in objective.head.parameters()}
+    assert head_ids.isdisjoint(id(p) for p in student.parameters())
+    assert not any(key.startswith("head") for key in student.state_dict())
+
+
+@pytest.mark.parametrize("separation", ["none", "student", "both"])
+def test_attention_separation_passes_group_ids(separation: str) -> None:
+    log: list = []
+    student, teacher = Recorder(tiny_dit(0), "student", log), Recorder(tiny_dit(5), "teacher", log)
+    objective = selfflow(attention_separation=separation)
+    terms = objective(make_batch(), student, teacher, torch.Generator().manual_seed(9))
+    assert torch.isfinite(terms.total())
+    replay = torch.Generator().manual_seed(9)
+    torch.rand(2 * B, generator=replay)
+    groups = (torch.rand(B, N, generator=replay) < 0.25).long()
+    teacher_call, student_call = log
+    if separation == "none":
+        assert student_call["attn_groups"] is None and teacher_call["attn_groups"] is None
+    else:
+        assert torch.equal(student_call["attn_groups"], groups)
+        if separation == "both":
+            assert torch.equal(teacher_call["attn_groups"], groups)
+        else:
+            assert teacher_call["attn_groups"] is None
+
+
+def test_attention_separation_changes_the_student_output() -> None:
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    torch.manual_seed(0)  # identical heads
+    plain = selfflow()(batch, student, teacher, torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    separated = selfflow(attention_separation="student")(batch, student, teacher, torch.Generator().manual_seed(9))
+    assert torch.isfinite(separated.total())
+    assert not torch.allclose(plain.terms["flow"], separated.terms["flow"])
+    torch.testing.assert_close(plain.diagnostics["masked_fraction"], separated.diagnostics["masked_fraction"])
+
+
+def test_rep_loss_variants() -> None:
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    torch.manual_seed(0)
+    cosine = selfflow()(batch, student, teacher, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    l1 = selfflow(rep_loss="l1")(batch, student, teacher, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cosine.terms["flow"], l1.terms["flow"])
+    torch.testing.assert_close(cosine.diagnostics["rep_cosine"], l1.diagnostics["rep_cosine"])
+    assert not torch.allclose(cosine.terms["rep"], l1.terms["rep"])
+    with pytest.raises(ValueError, match="alignment loss"):
+        selfflow(rep_loss="l2")
+
+
+# ----- SRA --------------------------------------------------------------------------------------
+
+
+def test_sra_teacher_time_is_within_gap_of_t() -> None:
+    log: list = []
+    student, teacher = Recorder(tiny_dit(0), "student", log), Recorder(tiny_dit(5), "teacher", log)
+    objective = SRAObjective(UniformTime(), hidden_dim=HIDDEN, depth=DEPTH, num_classes=CLASSES)
+    for seed in range(5):
+        objective(make_batch(), student, teacher, torch.Generator().manual_seed(seed))
+    teacher_t = torch.cat([call["t"] for call in log if call["who"] == "teacher"])
+    student_t = torch.cat([call["t"] for call in log if call["who"] == "student"])
+    assert student_t.shape == (5 * B, N)
+    assert (student_t == student_t[:, :1]).all()  # mask off: one level per sample
+    t = student_t[:, 0]
+    gap = t - teacher_t
+    assert (gap >= 0).all() and (gap <= 0.2 + 1e-6).all() and (teacher_t >= 0).all()
+    assert gap.max() > 0.05
+    assert objective.scheduler.mask_ratio == 0.0 and objective.scheduler.teacher_time == "sra"
+
+
+# ----- REPA -------------------------------------------------------------------------------------
+
+
+def tokens_to_images(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 16, 4) patch-2 tokens of 8x8 images -> (B, 1, 8, 8) in [0, 1] (test stand-in for decode)."""
+    images = F.fold(tokens.transpose(1, 2), output_size=(8, 8), kernel_size=2, stride=2)
+    return torch.sigmoid(images)
+
+
+def test_repa_term_uses_the_clean_input_and_the_encoder_gets_no_gradient() -> None:
+    model, batch = tiny_dit(0), make_batch()
+    encoder = DigitEncoder("small", seed=3)
+    seen: list[torch.Tensor] = []
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:
+        seen.append(tokens.clone())
+        return tokens_to_images(tokens)
+
+    objective = REPAObjective(UniformTime(), encoder, hidden_dim=HIDDEN, depth=DEPTH, num_classes=CLASSES,
+                              head_hidden_width=16, encoder_input=decode)
+    assert all(not p.requires_grad for p in encoder.parameters()) and not encoder.training
+    assert {id(p) for p in objective.parameters()} == {id(p) for p in objective.head.parameters()}
+    assert not any(key.startswith("encoder") for key in objective.state_dict())
+
+    terms = objective(batch, model, None, torch.Generator().manual_seed(13))
+    terms.total().backward()
+    assert len(seen) == 1 and torch.equal(seen[0], batch.x0)  # the clean tokens, not x_t
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None for p in objective.head.parameters())
+
+    replay = torch.Generator().manual_seed(13)
+    t = torch.rand(B, generator=replay)
+    eps = torch.randn(B, N, P, generator=replay)
+    cond = replay_dropout(batch.cond, 0.1, replay)
+    with torch.no_grad():
+        features = encoder.encode_patches(tokens_to_images(batch.x0))  # grids match: 4x4
+        out = model(interpolate(batch.x0, eps, t), t, cond, return_layers=(STUDENT_LAYER,))
+        projected = objective.head(out.hidden[STUDENT_LAYER])
+    torch.testing.assert_close(terms.terms["flow"], ((out.velocity - (eps - batch.x0)) ** 2).mean())
+    torch.testing.assert_close(terms.terms["rep"], (1 - F.cosine_similarity(projected, features, dim=-1)).mean())
+    assert terms.weights == {"flow": 1.0, "rep": 0.5}
+
+
+def test_repa_and_flow_matching_share_their_noise() -> None:
+    model, batch = tiny_dit(0), make_batch()
+    repa = REPAObjective(UniformTime(), DigitEncoder("small"), hidden_dim=HIDDEN, depth=DEPTH,
+                         num_classes=CLASSES, head_hidden_width=16, encoder_input=tokens_to_images)
+    plain = FlowMatchingObjective(UniformTime(), num_classes=CLASSES)
+    a = repa(batch, model, None, torch.Generator().manual_seed(5)).terms["flow"]
+    b = plain(batch, model, None, torch.Generator().manual_seed(5)).terms["flow"]
+    torch.testing.assert_close(a, b)
+
+
+def test_repa_needs_encoder_input_and_matching_grid() -> None:
+    objective = REPAObjective(UniformTime(), DigitEncoder("small"), hidden_dim=HIDDEN, depth=DEPTH,
+                              num_classes=CLASSES, head_hidden_width=16)
+    with pytest.raises(ValueError, match="encoder_input"):
+        objective(make_batch(), tiny_dit(), None, torch.Generator())
+    objective.encoder_input = tokens_to_images
+    assert torch.isfinite(objective(make_batch(), tiny_dit(), None, torch.Generator()).total())
+    objective.grid = (3, 3)  # 9 tokens, the batch has 16
+    with pytest.raises(ValueError, match="grid"):
+        objective(make_batch(), tiny_dit(), None, torch.Generator())
+
+
+def test_resize_token_grid() -> None:
+    features = torch.randn(2, 16, 3)
+    assert torch.equal(resize_token_grid(features, (4, 4), (4, 4)), features)
+    constant = torch.ones(2, 16, 3) * torch.tensor([1.0, -2.0, 0.5])
+    for target in ((2, 2), (8, 8), (3, 5)):
+        resized = resize_token_grid(constant, (4, 4), target)
+        assert resized.shape == (2, target[0] * target[1], 3)
+        torch.testing.assert_close(resized, constant[:, :1].expand_as(resized))
+    # 2x2 average pooling of a 4x4 map: antialiased shrinking averages the patches it covers.
+    ramp = torch.arange(16.0).view(1, 16, 1)
+    pooled = resize_token_grid(ramp, (4, 4), (2, 2)).flatten()
+    assert pooled[0] < pooled[1] < pooled[2] < pooled[3]
+    with pytest.raises(ValueError, match="grid"):
+        resize_token_grid(features, (4, 4), (16,))
