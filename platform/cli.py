@@ -1,4 +1,4 @@
-"""`selfflow` command line: train, data, sample, demo (and more as the platform grows)."""
+"""`selfflow` command line: train, data, sample, eval, demo (and more as the platform grows)."""
 from __future__ import annotations
 
 import argparse
@@ -44,12 +44,56 @@ def _print_result(result) -> None:
 def _cmd_data(args: argparse.Namespace) -> int:
     from selfflow.platform.data.shards import build_digits_shards
 
+    if args.dataset == "images":
+        return _cmd_data_images(args)
     if args.dataset != "digits":
-        raise UserError(f"unknown dataset {args.dataset!r}; available: digits")
+        raise UserError(f"unknown dataset {args.dataset!r}; available: digits, images")
     out = Path(args.out or f"data/{args.dataset}")
     written = build_digits_shards(out, seed=args.seed)
     for split, summary in written.items():
         print(f"{split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
+    return 0
+
+
+def _cmd_data_images(args: argparse.Namespace) -> int:
+    from selfflow.platform.data.images import encode_folder_from_gin
+    from selfflow.platform.data.shards import summarize_shards
+
+    if not args.folder or not args.tokenizer_gin or not args.out:
+        raise UserError("data images needs --folder DIR --tokenizer-gin FILE --out DIR "
+                        "(e.g. --tokenizer-gin tokenizers/sd_vae_ema.gin)")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{args.split}: {done}/{total} images encoded", end="", flush=True)
+
+    index = encode_folder_from_gin(
+        args.folder, args.tokenizer_gin, args.out, args.gin_param, split=args.split, image_size=args.image_size,
+        shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+        num_workers=args.num_workers, progress=None if args.quiet else progress,
+    )
+    if not args.quiet:
+        print()  # end the progress line
+    summary = summarize_shards(index)
+    print(f"{summary.split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
+    return 0
+
+
+def _cmd_autoencoder(args: argparse.Namespace) -> int:
+    from selfflow.platform import config
+    from selfflow.platform.tokenizers import AutoencoderTraining
+
+    if not args.gin_file:
+        raise UserError("autoencoder needs --gin_file (e.g. --gin_file tokenizers/conv_ae_digits_train.gin)")
+    config.parse(args.gin_file, args.gin_param)
+    try:
+        job = AutoencoderTraining()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
+    metrics = job.run()
+    print(f"autoencoder:     {job.out}  ({int(metrics['parameters'])} parameters, latents {job.latent_shape})")
+    for key in ("train_mse", "test_mse", "final_loss"):
+        if key in metrics:
+            print(f"  {key:<16} {metrics[key]:.5f}")
     return 0
 
 
@@ -103,6 +147,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from selfflow.platform.evaluation import evaluate_run
+
+    result = evaluate_run(
+        run_dir=args.run_dir, run_id=args.run_id, checkpoint=args.checkpoint, overrides=args.gin_param,
+        tracking_uri=args.tracking_uri, runs_dir=args.runs, tracking=not args.no_tracking,
+    )
+    print(f"run folder:      {result.run_dir}  (step {result.step})")
+    if result.mlflow_run_id:
+        print(f"mlflow run:      {result.mlflow_run_id}  ({result.tracking_uri})")
+    for key in sorted(result.metrics):
+        if not key.startswith(("probe/linear/block", "probe/knn/block")):
+            print(f"  {key:<28} {result.metrics[key]:.4f}")
+    print(f"artifacts:       {result.run_dir / 'eval'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-supervised flow matching experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,10 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("data", help="build webdataset shards")
-    p.add_argument("dataset", choices=["digits"], help="which dataset to build")
+    p.add_argument("dataset", choices=["digits", "images"],
+                   help="digits, or images: pre-encode an image folder (ROOT/<class>/<image>) into latent shards")
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
+    p.add_argument("--folder", default=None, help="images: the class-folder tree to encode")
+    p.add_argument("--tokenizer-gin", "--tokenizer_gin", dest="tokenizer_gin", default=None,
+                   help="images: gin file binding autoencoder.tokenizer (e.g. tokenizers/sd_vae_ema.gin)")
+    p.add_argument("--split", default="train", help="images: shard set name (train, val, test, ...)")
+    p.add_argument("--image-size", type=int, default=None, help="images: crop size (default: the tokenizer's)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images: samples per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="images: images per encoder batch")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="images: latent storage")
+    p.add_argument("--num-workers", type=int, default=0, help="images: image-decoding worker processes")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
+                   help="images: tokenizer binding, e.g. \"SDVAETokenizer.device = 'cuda'\"")
+    p.add_argument("--quiet", action="store_true", help="images: no progress line")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("autoencoder", help="train a conv autoencoder tokenizer (tokenizers/conv_ae_*_train.gin)")
+    _add_gin_args(p)
+    p.set_defaults(func=_cmd_autoencoder)
 
     p = sub.add_parser("encoder", help="train a REPA external encoder from a gin file (encoders/digits_*.gin)")
     _add_gin_args(p)
@@ -133,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_param", "--gin-param", action="append", default=[],
                    help="override sampling bindings, e.g. SamplingConfig.steps=64")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval", help="evaluate a run's EMA model (FD, probes, loss by t) into its MLflow run")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-dir", default=None, help="a run folder written by `selfflow train`")
+    which.add_argument("--run-id", default=None, help="an MLflow run id (its run_dir tag names the folder)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: newest in the run)")
+    p.add_argument("--runs", default=None, help="runs folder holding mlflow.db (default: the run folder's parent)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or --runs)")
+    p.add_argument("--no-tracking", action="store_true", help="print and write artifacts only, log nothing")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[],
+                   help="override evaluation bindings, e.g. EvalSuite.num_samples=2000")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="build digits shards and train the demo model (what `make demo` runs)")
     p.add_argument("--runs", default="runs")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gin
+import torch
 from torch import nn
 
 from selfflow.platform.errors import ConfigError, UserError
@@ -35,6 +36,8 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    keep_best_metric: str = ""  # also keep the checkpoint with the best value of this logged metric
+    keep_best_mode: str = "min"  # 'min' or 'max': which value of keep_best_metric is best
     nan_policy: str = "raise"
     num_threads: int = 0
 
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.keep_best_mode not in ("min", "max"):
+            raise ConfigError(f"TrainConfig.keep_best_mode must be 'min' or 'max', got {self.keep_best_mode!r}")
         if self.nan_policy not in ("raise", "skip"):
             raise ConfigError(f"TrainConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
 
@@ -126,6 +131,10 @@ def build_experiment(
     sampling: SamplingConfig | None = None,
     evaluation: Any = None,
 ) -> Experiment:
+    train = train or TrainConfig()
+    # Initial weights (backbone, projector heads) depend only on the seed, not on
+    # whatever consumed the global RNG before this call.
+    torch.manual_seed(train.seed)
     num_classes = int(getattr(data, "num_classes", 0))
     context: dict[str, Any] = {
         "in_dim": tokenizer.token_shape[1],
@@ -152,7 +161,7 @@ def build_experiment(
         model=model,
         objective=built_objective,
         data=data,
-        train=train or TrainConfig(),
+        train=train,
         sampling=sampling or SamplingConfig(),
         evaluation=evaluation,
         tags=tags,

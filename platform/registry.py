@@ -22,18 +22,23 @@ def _families() -> dict[str, list]:
     from selfflow.components.samplers.sde import EulerMaruyamaSampler
     from selfflow.components.schedules.dual import DualTimestepScheduler
     from selfflow.components.schedules.timesteps import LogitNormalTime, ShiftedTime, UniformTime
+    from selfflow.components.tokenizers.conv_ae import ConvAETokenizer
+    from selfflow.components.tokenizers.latents import LatentTokenizer
     from selfflow.components.tokenizers.pixels import PixelTokenizer
+    from selfflow.components.tokenizers.sd_vae import SDVAETokenizer
     from selfflow.platform.datasource import ShardData
+    from selfflow.platform.evaluation import ClassifierEvaluator, EvalSuite, InceptionEvaluator
     from selfflow.platform.experiment import SamplingConfig, TrainConfig
 
     return {
         "backbones": [DiT],
-        "tokenizers": [PixelTokenizer],
+        "tokenizers": [PixelTokenizer, SDVAETokenizer, LatentTokenizer, ConvAETokenizer],
         "schedules": [UniformTime, LogitNormalTime, ShiftedTime, DualTimestepScheduler],
         "objectives": [FlowMatchingObjective, SelfFlowObjective, SRAObjective, REPAObjective],
         "encoders": [TimmEncoder, DigitEncoder],
         "samplers": [EulerSampler, HeunSampler, EulerMaruyamaSampler],
         "selfflow": [TrainConfig, SamplingConfig, ShardData],
+        "evaluation": [EvalSuite, ClassifierEvaluator, InceptionEvaluator],
     }
 
 
@@ -46,5 +51,6 @@ def register_all() -> None:
             gin.register(item, module=module)
     import selfflow.platform.encoders  # noqa: F401  registers encoder training and loading
     import selfflow.platform.experiment  # noqa: F401  registers build_experiment
+    import selfflow.platform.tokenizers  # noqa: F401  registers autoencoder training/loading, timm_encoder_from
 
     _REGISTERED = True
