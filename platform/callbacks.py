@@ -20,7 +20,12 @@ class CheckpointEvery:
         if last or (self.every and trainer.step % self.every == 0):
             path = trainer.save_checkpoint()
             if last and path is not None:
+                pointer = trainer.run_dir / "final_checkpoint.txt"
+                temp = pointer.with_name(f".{pointer.name}.tmp")  # never a half-written pointer
+                temp.write_text(f"{path.resolve()}\n")
+                temp.replace(pointer)
                 trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
+                trainer.tracker.log_artifact(pointer)
 
 
 class LogOperativeConfig:

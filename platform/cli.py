@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from selfflow.platform.data import DataError
 from selfflow.platform.errors import TrainingError, UserError
 
 
@@ -23,11 +24,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if not args.gin_file:
         raise UserError("train needs at least one --gin_file (e.g. --gin_file digits/fm.gin)")
+    if args.workers is not None or args.gpus_per_worker:
+        return _cmd_train_distributed(args)
     result = train(
         args.gin_file, args.gin_param, run_dir=args.run_dir, runs_dir=args.runs, resume=args.resume,
         tracking=not args.no_tracking, progress=not args.quiet,
     )
     _print_result(result)
+    return 0
+
+
+def _cmd_train_distributed(args: argparse.Namespace) -> int:
+    from selfflow.platform import ray_cluster
+    from selfflow.platform.distributed import Scaling, train_distributed
+
+    scaling = Scaling(workers=args.workers or 1, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
+    try:
+        result = train_distributed(
+            args.gin_file, args.gin_param, scaling=scaling, run_dir=args.run_dir, runs_dir=args.runs,
+            resume=args.resume, tracking=not args.no_tracking, progress=not args.quiet,
+        )
+    finally:
+        ray_cluster.shutdown()
+    _print_result(result)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from selfflow.platform import ray_cluster
+    from selfflow.platform.sweep import print_summary, run_sweep
+
+    try:
+        result = run_sweep(args.sweep_file, args.gin_param, runs_dir=args.runs, sweep_dir=args.sweep_dir,
+                           tracking=not args.no_tracking, compare=not args.no_compare)
+    finally:
+        ray_cluster.shutdown()
+    print_summary(result)
+    if result.parent_run_id:
+        print(f"mlflow parent run: {result.parent_run_id}  ({result.tracking_uri})")
+    print(f"sweep wall time:   {result.wall_s:.0f} s")
+    return 1 if result.failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from selfflow.platform.compare import compare_runs
+
+    if not (args.experiment or args.parent or args.filter):
+        raise UserError("compare needs --experiment, --parent or --filter")
+    comparison = compare_runs(
+        experiment=args.experiment, parent_run_id=args.parent, filter_string=args.filter,
+        metrics=args.metric or None, out_dir=args.out, log_to_run=args.parent if not args.no_log else None,
+        log_new_run=not args.no_log and not args.parent, runs_dir=args.runs,
+    )
+    print(f"written: {', '.join(str(p) for p in comparison.files[:2])} and {len(comparison.files) - 2} plots")
     return 0
 
 
@@ -164,6 +214,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from selfflow.platform.tracking import sync_run_dir
+
+    result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout)
+    stats = result.stats
+    print(f"synced {result.journal} -> {result.tracking_uri}: {stats.records} of {result.pending_before} records "
+          f"delivered ({stats.metric_values} metric values sent, {stats.duplicates} already present)")
+    if result.pending_after:
+        raise UserError(f"{result.pending_after} records still undelivered: the store at {result.tracking_uri} "
+                        f"stopped answering; run sync again")
+    return 0
+
+
+def ui_command(runs: str, host: str, port: int, tracking_uri: str | None = None) -> list[str]:
+    """The `mlflow ui` command line for a runs folder (127.0.0.1 unless a host is given)."""
+    from selfflow.platform.tracking import default_tracking_uri
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri",
+            tracking_uri or default_tracking_uri(runs), "--host", host, "--port", str(port)]
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    command = ui_command(args.runs, args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"selfflow: warning: serving MLflow on {args.host}: anyone who can reach this machine can read "
+              f"and change the runs", file=sys.stderr)
+    print(f"MLflow UI on http://{args.host}:{args.port}  ({command[3]})", flush=True)
+    os.execvp(command[0], command)  # replaces this process: Ctrl-C stops the UI
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-supervised flow matching experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint and its MLflow run")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-parallel Ray Train workers (TorchTrainer; RAY_ADDRESS picks a cluster)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (NCCL); 0 = CPU and gloo")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of a failed worker group from its last checkpoint (-1: forever)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="a Ray Tune sweep over gin bindings (experiments/sweeps/*.gin)")
+    p.add_argument("sweep_file", help="sweep gin file, e.g. sweeps/digits_objectives.gin")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
+                   help="override a Sweep binding, e.g. \"Sweep.seeds = [0]\"")
+    p.add_argument("--runs", default="runs", help="folder for runs and the embedded MLflow store")
+    p.add_argument("--sweep-dir", default=None, help="sweep folder (default: <runs>/sweeps/<name>-<time>)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("compare", help="compare runs: mean ± 95%% interval over seeds, metric-vs-step plots")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--parent", default=None, help="a sweep's parent run id (compares its children)")
+    p.add_argument("--filter", default=None, help="MLflow filter string, e.g. \"tags.objective = 'SelfFlowObjective'\"")
+    p.add_argument("--metric", action="append", default=[], help="metric column (repeatable)")
+    p.add_argument("--out", default="runs/compare", help="folder for the table, CSV and plots")
+    p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store")
+    p.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="build webdataset shards")
     p.add_argument("dataset", choices=["digits", "images"],
@@ -193,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
                    help="images: tokenizer binding, e.g. \"SDVAETokenizer.device = 'cuda'\"")
     p.add_argument("--quiet", action="store_true", help="images: no progress line")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits train/test split (images: of the write order)")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("autoencoder", help="train a conv autoencoder tokenizer (tokenizers/conv_ae_*_train.gin)")
@@ -224,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override evaluation bindings, e.g. EvalSuite.num_samples=2000")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("sync", help="deliver a run's queued tracking records (tracking-journal.jsonl) to MLflow")
+    p.add_argument("--run-dir", required=True, help="a run folder written by `selfflow train`")
+    p.add_argument("--tracking-uri", default=None, help="default: the URI the run logged to (from its journal)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to keep retrying an unanswering store")
+    p.set_defaults(func=_cmd_sync)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (on 127.0.0.1 unless --host says otherwise)")
+    p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the runs")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
     p = sub.add_parser("demo", help="build digits shards and train the demo model (what `make demo` runs)")
     p.add_argument("--runs", default="runs")
     p.add_argument("--gin_param", "--gin-param", action="append", default=[])
@@ -238,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, TrainingError) as error:
         print(f"selfflow: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
+    except DataError as error:  # a damaged or unsafe shard found mid-training
+        print(f"selfflow: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)
         return 130

@@ -37,8 +37,27 @@ def _drop_python_path_reader() -> None:
     ]
 
 
+class _ForbiddenImport(ConfigError):
+    """A gin file tried to import Python (`import x`, `from __gin__ import ...`)."""
+
+
+def _refuse_import(self, statement) -> None:
+    raise _ForbiddenImport(
+        f"gin 'import {statement.module}' is not allowed: configs may reference only configurables "
+        f"that selfflow registers (importing would run arbitrary Python)"
+    )
+
+
+def _forbid_imports() -> None:
+    # gin executes `import x` statements (and, with dynamic registration, lets a
+    # file call any imported function such as os.system): configs reach only the
+    # configurables registry.py registers, so every import statement is refused.
+    gin.config.ParseContext.process_import = _refuse_import
+
+
 def _register_search_paths() -> None:
     _drop_python_path_reader()
+    _forbid_imports()
     # gin resolves includes against the working directory and registered search
     # paths, never against the including file: register the experiments folder.
     for path in (EXPERIMENTS_DIR, EXPERIMENTS_DIR.parent):
@@ -100,6 +119,8 @@ def _friendly(error: Exception, files: Sequence[str], params: Sequence[str]) -> 
         where = f'{match.group("file")}:{match.group("line")}: '
     elif match and match.group("bline"):
         where = f"--gin_param {match.group('bline')}: "
+    if isinstance(error, _ForbiddenImport):
+        return ConfigError(f"{where}{first}")
     if isinstance(error, OSError) and "Unable to open file" in text:
         missing = re.search(r"Unable to open file: ([^\s]+?)\.\s", text + " ")
         name = missing.group(1) if missing else text
@@ -111,7 +132,7 @@ def _friendly(error: Exception, files: Sequence[str], params: Sequence[str]) -> 
         configurable, param = unknown_param.groups()
         hint = _suggest(param, _parameters_of(configurable))
         return ConfigError(f"{where}unknown parameter '{param}' of {configurable}{hint}")
-    unknown_conf = re.search(r"No configurable matching '([^']+)'", text)
+    unknown_conf = re.search(r"No configurable matching (?:reference )?'@?([^']+)'", text)
     if unknown_conf:
         name = unknown_conf.group(1)
         hint = _suggest(name.split(".")[-1], _configurable_names())

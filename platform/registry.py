@@ -50,6 +50,7 @@ def register_all() -> None:
         for item in items:
             gin.register(item, module=module)
     import selfflow.platform.encoders  # noqa: F401  registers encoder training and loading
+    import selfflow.platform.distributed  # noqa: F401  registers InjectedCrash (fault drills)
     import selfflow.platform.experiment  # noqa: F401  registers build_experiment
     import selfflow.platform.tokenizers  # noqa: F401  registers autoencoder training/loading, timm_encoder_from
 

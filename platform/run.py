@@ -1,6 +1,6 @@
 """One training run on one process: config -> experiment -> trainer -> MLflow.
 
-Ray Train workers call `train_worker` with the driver's gin config string.
+Ray Train workers and Tune trials share its callbacks and seeding (platform/distributed.py).
 """
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform import config as gin_config
 from selfflow.platform.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid
+from selfflow.platform.distributed import configured_seed
 from selfflow.platform.errors import UserError
 from selfflow.platform.experiment import Experiment, build_from_gin
 from selfflow.platform.tracking import MLflowTracker, NullTracker, git_commit
@@ -41,6 +44,17 @@ def extra_callbacks(experiment: Experiment) -> list:
     return [make()] if callable(make) else []
 
 
+def standard_callbacks(experiment: Experiment) -> list:
+    """The callbacks every training run uses (single process, Ray workers, Tune trials).
+    CheckpointEvery stays last: later callbacks may rely on this step's checkpoint."""
+    return [
+        LogOperativeConfig(),
+        SampleGrid(experiment.train.eval_every),
+        *extra_callbacks(experiment),
+        CheckpointEvery(experiment.train.checkpoint_every),
+    ]
+
+
 def train(
     gin_files: Sequence[str],
     gin_params: Sequence[str] = (),
@@ -55,16 +69,17 @@ def train(
     progress: bool = True,
 ) -> RunResult:
     config_str = gin_config.parse(gin_files, gin_params)
+    torch.manual_seed(configured_seed())  # initialisation follows TrainConfig.seed, as in Ray workers
     experiment = build_from_gin()
     run_dir = Path(run_dir) if run_dir else default_run_dir(runs_dir, experiment.name)
     checkpoint_dir = run_dir / "checkpoints"
     state = None
     if resume:
         ckpt.clean_temp_files(checkpoint_dir)
-        latest = ckpt.latest(checkpoint_dir)
+        ckpt.clean_temp_files(run_dir / "samples", pattern=".*.png")  # grids a killed run left half-written
+        latest, state = ckpt.load_latest(checkpoint_dir)
         if latest is None:
             raise UserError(f"--resume: no checkpoint in {checkpoint_dir}")
-        state = ckpt.load(latest)
     elif ckpt.latest(checkpoint_dir) is not None:
         raise UserError(f"run folder {run_dir} already has checkpoints: pass --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,25 +96,21 @@ def train(
             tags=tags,
             parent_run_id=parent_run_id,
             runs_dir=runs_dir,
+            journal_dir=run_dir,
         )
-        if state is None:
-            tracker.log_params(gin_config.flatten_config(config_str))
-    data = experiment.data.loader(
-        batch_size=experiment.train.batch_size, seed=experiment.train.seed, rank=0, world_size=1
-    )
-    callbacks = [
-        LogOperativeConfig(),
-        SampleGrid(experiment.train.eval_every),
-        *extra_callbacks(experiment),
-        CheckpointEvery(experiment.train.checkpoint_every),
-    ]
-    trainer = Trainer(experiment, data, run_dir, tracker=tracker, callbacks=callbacks, progress=progress)
-    trainer.mlflow_run_id = tracker.run_id
-    if state is not None:
-        trainer.load_state_dict(state, source=ckpt.latest(checkpoint_dir))
-        trainer.mlflow_run_id = tracker.run_id
-    status = "FAILED"
+    status = "FAILED"  # whatever fails from here on ends the MLflow run as FAILED
     try:
+        if tracking and state is None:
+            tracker.log_params(gin_config.flatten_config(config_str))
+        data = experiment.data.loader(
+            batch_size=experiment.train.batch_size, seed=experiment.train.seed, rank=0, world_size=1
+        )
+        callbacks = standard_callbacks(experiment)
+        trainer = Trainer(experiment, data, run_dir, tracker=tracker, callbacks=callbacks, progress=progress)
+        trainer.mlflow_run_id = tracker.run_id
+        if state is not None:
+            trainer.load_state_dict(state, source=latest)
+            trainer.mlflow_run_id = tracker.run_id
         final = trainer.fit()
         status = "FINISHED"
     finally:

@@ -6,6 +6,7 @@ callbacks so the loop stays short.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,23 @@ class RunningMeans:
         return means
 
 
+class MetricMemory:
+    """Wraps the tracker and remembers the newest value of every logged metric
+    (callbacks log through it too), so checkpoint retention can rank by any metric."""
+
+    def __init__(self, tracker: Tracker):
+        self.inner = tracker
+        self.latest: dict[str, tuple[int, float]] = {}
+
+    def log_metrics(self, metrics, step: int) -> None:
+        for key, value in metrics.items():
+            self.latest[key] = (int(step), float(value))
+        self.inner.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def warmup_lambda(warmup_steps: int):
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -82,7 +100,7 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.tracker = tracker or NullTracker()
+        self.tracker = MetricMemory(tracker or NullTracker())
         self.callbacks = list(callbacks)
         self.rank, self.world_size = rank, world_size
         self.progress = progress and rank == 0
@@ -102,6 +120,10 @@ class Trainer:
         self.skipped = 0
         self.running = RunningMeans()
         self.mlflow_run_id: str | None = getattr(self.tracker, "run_id", None)
+        self.retention = ckpt.Retention(
+            self.checkpoint_dir, self.config.keep_checkpoints, self.config.keep_best_metric, self.config.keep_best_mode
+        )
+        self._warned_best_metric = False
 
     @property
     def model(self) -> nn.Module:
@@ -128,13 +150,19 @@ class Trainer:
             return self._non_finite(f"loss term '{bad[0]}'")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(
-            [p for p in self.module.parameters() if p.requires_grad],
-            self.config.grad_clip if self.config.grad_clip > 0 else math.inf,
-        )
-        if not torch.isfinite(grad_norm):
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        # clip_grad_norm_ in two halves: a non-finite norm is caught before clipping
+        # spreads it to every gradient, so the message names the parameter it came from.
+        grad_norm = nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        if torch.isfinite(grad_norm):
+            nn.utils.clip_grads_with_norm_(trainable, self.config.grad_clip if self.config.grad_clip > 0 else math.inf,
+                                           grad_norm)
+        else:
+            bad = [name for name, p in self.module.named_parameters()
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
             self.optimizer.zero_grad(set_to_none=True)
-            return self._non_finite("gradient norm")
+            more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+            return self._non_finite(f"gradient of '{bad[0]}'{more}" if bad else "gradient norm")
         self.optimizer.step()
         self.lr_schedule.step()
         self.ema.update(self.module.model)
@@ -148,10 +176,10 @@ class Trainer:
         if self.config.nan_policy == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            return {"train/skipped_batches": float(self.skipped)}
-        raise TrainingError(
-            f"non-finite {what} at step {self.step + 1}; stopping (last good checkpoint kept in {self.checkpoint_dir})"
-        )
+            return {}  # nothing enters the running means; train/skipped_batches counts it
+        last_good = ckpt.latest(self.checkpoint_dir)
+        kept = f"last good checkpoint kept: {last_good}" if last_good else "no checkpoint written yet"
+        raise TrainingError(f"non-finite {what} at step {self.step + 1}; stopping ({kept})")
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -170,11 +198,14 @@ class Trainer:
             logs = self.train_step(raw)
             self.step += 1
             ticked_steps += 1
-            self.running.add(logs)
+            if logs:
+                self.running.add(logs)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = time.perf_counter() - tick
                 metrics = self.running.flush()
                 metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                if config.nan_policy == "skip":
+                    metrics["train/skipped_batches"] = float(self.skipped)
                 metrics["train/samples_per_s"] = ticked_steps * config.batch_size * self.world_size / max(elapsed, 1e-9)
                 self.tracker.log_metrics(metrics, step=self.step)
                 last = metrics
@@ -228,9 +259,26 @@ class Trainer:
         if self.rank != 0:
             return None
         path = ckpt.save_atomic(self.state_dict(), ckpt.step_path(self.checkpoint_dir, self.step))
-        for _, old in ckpt.list_checkpoints(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        problem = ckpt.verify(path)
+        if problem is not None:  # a disk hiccup: keep every older checkpoint, stop loudly
+            path.replace(path.with_name(path.name + ".corrupt"))
+            raise TrainingError(f"checkpoint {path} failed verification after writing ({problem}); older ones kept")
+        self.retention.after_save(self.step, self._best_metric_value())
         return path
+
+    def _best_metric_value(self) -> float | None:
+        metric = self.config.keep_best_metric
+        if not metric:
+            return None
+        if metric in self.tracker.latest:
+            return self.tracker.latest[metric][1]
+        if self.tracker.latest and not self._warned_best_metric:
+            self._warned_best_metric = True
+            logged = ", ".join(sorted(self.tracker.latest))
+            print(f"selfflow: warning: TrainConfig.keep_best_metric '{metric}' has not been logged by step "
+                  f"{self.step} (logged: {logged}); keeping only the newest checkpoints until it is",
+                  file=sys.stderr, flush=True)
+        return None
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the given checkpoint, or the newest in this run's folder. False if none."""

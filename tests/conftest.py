@@ -31,3 +31,18 @@ def in_tmp(tmp_path, monkeypatch, digits_root):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for every test that needs it (starting Ray costs ~10 s here).
+
+    Records whether Ray-related files already existed in $HOME, so tests can check that
+    the platform's Ray settings leave none behind."""
+    from selfflow.platform import ray_cluster
+
+    home = Path.home()
+    before = {name: (home / name).exists() for name in (".ray", "ray_results")}
+    info = ray_cluster.connect()
+    yield {"cluster": info, "home_before": before}
+    ray_cluster.shutdown()

@@ -72,12 +72,32 @@ def quick_encoders(tmp_path_factory, digits_root) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def quick_autoencoders(tmp_path_factory, digits_root) -> Path:
+    """Latent-digits presets point at a platform-trained conv autoencoder: make a tiny one."""
+    from selfflow.platform.datasource import ShardData
+    from selfflow.platform.tokenizers import AutoencoderTraining
+
+    folder = tmp_path_factory.mktemp("autoencoders")
+    data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
+    AutoencoderTraining(data, steps=3, batch_size=16, hidden_channels=8, out=str(folder / "conv_ae_digits.pt")).run()
+    return folder
+
+
 @pytest.mark.filterwarnings("ignore:.*meta parameter.*:UserWarning")
 @pytest.mark.parametrize("path", shipped_gin_files(), ids=lambda p: p.relative_to(EXPERIMENTS_DIR).as_posix())
-def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders):
+def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencoders):
     (in_tmp / "runs").mkdir(exist_ok=True)
     (in_tmp / "runs" / "encoders").symlink_to(quick_encoders)
+    (in_tmp / "runs" / "autoencoders").symlink_to(quick_autoencoders)
     files = files_for(path)
+    if "tokenizers" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.endswith("_train"):
+        from selfflow.platform.tokenizers import AutoencoderTraining
+
+        config.parse([str(path)], ["AutoencoderTraining.steps = 2", "AutoencoderTraining.out = 'runs/ae.pt'"])
+        AutoencoderTraining().run()
+        assert (in_tmp / "runs" / "ae.pt").exists()
+        return
     if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith("digits_"):
         from selfflow.platform.encoders import EncoderTraining
 

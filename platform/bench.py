@@ -1,0 +1,97 @@
+"""`make bench`: the performance benchmarks, one report.
+
+    python -m selfflow.platform.bench --out BENCHMARKS.md            # everything (< 20 min here)
+    python -m selfflow.platform.bench --quick --out BENCHMARKS.quick.md   # smoke sizes (< 3 min)
+    python -m selfflow.platform.bench --only objective,overhead      # some items, printed only
+
+Items (one module each, platform/bench_<item>.py): objective cost, platform overhead, data
+path, compute efficiency, sampling quality vs NFE, memory, scaling of cost with work.
+Every measurement is appended to bench/results.jsonl; BENCHMARKS.md is generated from
+this run. Nothing fails on time: the report says which targets are met.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from selfflow.platform.bench_core import (
+    DEFAULT_CACHE,
+    DEFAULT_RESULTS,
+    BenchContext,
+    ResultsLog,
+    Section,
+    machine_info,
+    new_run_info,
+)
+from selfflow.platform.bench_report import render_report, render_section, write_report
+
+ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
+
+
+def run_item(name: str, ctx: BenchContext) -> Section:
+    module = importlib.import_module(f"selfflow.platform.bench_{name}")
+    return module.run(ctx)
+
+
+def parse_items(text: str | None) -> list[str]:
+    if not text:
+        return list(ITEMS)
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in ITEMS]
+    if unknown:
+        raise SystemExit(f"bench: unknown item(s) {unknown}; choose from {', '.join(ITEMS)}")
+    return [item for item in ITEMS if item in chosen]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m selfflow.platform.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes: every item, a few repeats (< 3 min)")
+    parser.add_argument("--out", default=None, help="write the Markdown report here (e.g. BENCHMARKS.md)")
+    parser.add_argument("--only", default=None, help=f"comma-separated items out of: {', '.join(ITEMS)}")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON-lines file to append to ('' = none)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="cache folder (trained models, shards)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    items = parse_items(args.only)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    command = "python -m selfflow.platform.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    run_info = new_run_info(args.quick, command.strip())
+    machine = machine_info()
+    results = ResultsLog(args.results or None, run_info)
+    results.record("machine", "info", 0, "", **machine, command=run_info["command"])
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    ctx = BenchContext(quick=args.quick, results=results, cache_dir=cache, command=run_info["command"],
+                       machine=machine, log=lambda text: print(text, file=sys.stderr, flush=True))
+
+    started = time.perf_counter()
+    sections: list[Section] = []
+    for number, name in enumerate(items, start=1):
+        ctx.log(f"== {name} ==")
+        section = run_item(name, ctx)
+        sections.append(section)
+        print(render_section(number, section), flush=True)
+        ctx.log(f"== {name}: {section.seconds:.0f} s (total {time.perf_counter() - started:.0f} s) ==")
+    total = time.perf_counter() - started
+    results.record("run", "total_seconds", total, "s", items=items)
+    if args.out:
+        path = write_report(render_report(sections, machine, run_info, total), args.out)
+        ctx.log(f"report written to {path} ({total / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    sys.exit(main())

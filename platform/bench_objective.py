@@ -1,0 +1,98 @@
+"""Item 1, objective cost: a Self-Flow training step over a vanilla flow-matching step.
+
+Same backbone, batch and optimizer; both through the platform's Trainer.train_step
+(forward, backward, clipping, AdamW, EMA). Also Self-Flow with its two fast paths off
+(full-depth teacher, modulation computed for every token). The FLOP ratio (counted from
+the matmuls) is the theory the time ratio is compared to: about one extra no-grad
+forward up to block 0.7 D on top of a forward + backward (~3 forwards), i.e. ~1.23.
+"""
+from __future__ import annotations
+
+import time
+
+from selfflow.platform import bench_setup as setup
+from selfflow.platform.bench_core import BenchContext, Section, Table, Target, interleaved, paired_ratio
+from selfflow.platform.bench_flops import count_flops
+
+KEY = "objective"
+TARGET_RATIO = 1.25
+
+
+def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, warmup: int) -> dict:
+    variants = {
+        "fm": base.with_(objective="fm"),
+        "selfflow": base.with_(objective="selfflow"),
+        "selfflow_slow": base.with_(objective="selfflow", extra=setup.SLOW_PATHS),
+        "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",)),
+    }
+    trainers = {name: setup.build_trainer(config, scratch=ctx.cache_dir / "scratch") for name, config in variants.items()}
+    raw = setup.synthetic_batch(base)
+    flops = {name: count_flops(lambda t=trainer: t.train_step(raw))[0] for name, trainer in trainers.items()}
+    timings = interleaved({name: (lambda t=trainer: t.train_step(raw)) for name, trainer in trainers.items()},
+                          repeats=repeats, warmup=warmup)
+    result = {
+        "timings": timings,
+        "flops": flops,
+        "ratio": paired_ratio(timings["selfflow"], timings["fm"]),
+        "ratio_slow": paired_ratio(timings["selfflow_slow"], timings["fm"]),
+        "flop_ratio": flops["selfflow"] / flops["fm"],
+        "flop_ratio_slow": flops["selfflow_slow"] / flops["fm"],
+        "ratio_dts": paired_ratio(timings["dts_only"], timings["fm"]),
+    }
+    for name, timing in timings.items():
+        ctx.results.record(KEY, "step_seconds", timing.median, "s", config=base.name, variant=name,
+                           describe=variants[name].describe(), min=timing.minimum, spread=timing.spread,
+                           repeats=repeats, statistic="median of interleaved repeats", flops=flops[name])
+    ctx.results.record(KEY, "selfflow_over_fm", result["ratio"], "ratio", config=base.name,
+                       statistic="median of paired ratios", flop_ratio=result["flop_ratio"], repeats=repeats)
+    ctx.results.record(KEY, "selfflow_slow_over_fm", result["ratio_slow"], "ratio", config=base.name,
+                       statistic="median of paired ratios", flop_ratio=result["flop_ratio_slow"], repeats=repeats)
+    ctx.results.record(KEY, "dts_only_over_fm", result["ratio_dts"], "ratio", config=base.name,
+                       statistic="median of paired ratios", repeats=repeats)
+    return result
+
+
+def run(ctx: BenchContext) -> Section:
+    started = time.perf_counter()
+    plans = [
+        (setup.digits(batch_size=128), ctx.pick(24, 6), ctx.pick(3, 1)),
+        (setup.s_size(batch_size=ctx.pick(4, 2)), ctx.pick(8, 2), 1),
+    ]
+    rows, targets = [], []
+    for config, repeats, warmup in plans:
+        ctx.log(f"[objective] {config.name}: {config.describe()}, {repeats} interleaved repeats")
+        result = measure_config(ctx, config, repeats, warmup)
+        timings = result["timings"]
+        rows.append([
+            f"{config.name} ({config.describe().split(', ', 1)[1]})",
+            timings["fm"].median * 1e3, timings["selfflow"].median * 1e3, result["ratio"], result["flop_ratio"],
+            timings["selfflow_slow"].median * 1e3, result["ratio_slow"], result["flop_ratio_slow"],
+            result["ratio_dts"], max(t.spread for t in timings.values()),
+        ])
+        targets.append(Target(f"Self-Flow / FM step time, {config.name}", result["ratio"], TARGET_RATIO, "<=",
+                              f"FLOP ratio {result['flop_ratio']:.3f}; fast paths off: {result['ratio_slow']:.2f}"))
+    table = Table(
+        ["config", "FM ms", "Self-Flow ms", "SF / FM", "FLOP ratio", "SF, fast paths off, ms", "off / FM",
+         "FLOP ratio off", "DTS only / FM", "spread (IQR/median, worst)"],
+        rows,
+    )
+    return Section(
+        key=KEY,
+        title="Objective cost: Self-Flow step / vanilla FM step",
+        command="python -m selfflow.platform.bench --only objective",
+        meaning=(
+            "One optimizer step through the platform's `Trainer.train_step` (forward, backward, clipping, AdamW, "
+            "EMA update) on a fixed synthetic batch; FM and Self-Flow share backbone, batch and optimizer. "
+            "Times are medians of interleaved repeats (variants alternate in one process; the order reverses "
+            "every round); ratios are medians of the per-round paired ratios. \"Fast paths off\" is Self-Flow "
+            "with `SelfFlowObjective.early_exit = False` (teacher runs all blocks) and "
+            "`DiT.gathered_modulation = False` (adaLN modulation computed for every token). \"DTS only\" is "
+            "Self-Flow with gamma = 0 (per-token levels, no teacher, no head): the cost of per-token "
+            "conditioning alone. The FLOP ratio "
+            "counts matmul FLOPs of the whole step: the cost the objective cannot avoid; the time ratio above "
+            "it is overhead (elementwise work, the per-token gather, Python)."
+        ),
+        tables=[table],
+        targets=targets,
+        seconds=time.perf_counter() - started,
+    )

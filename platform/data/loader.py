@@ -1,0 +1,506 @@
+"""A safe, deterministic, resumable reader for the shard sets written by `shards.write_shards`.
+
+Safety: members are checked against an allow-list of extensions before anything is
+decoded; pickle/torch members (.pkl .pickle .pyd .pth .pt .ckpt) are refused by name,
+never loaded. Arrays are read with numpy's `allow_pickle=False`, labels as ASCII ints.
+webdataset's own decoders (which include pickle and torch.load) are never used, and
+shard files are opened directly (no `pipe:` URLs).
+
+Determinism: epoch e reads the shards in an order drawn from (seed, e) and shuffles
+samples with a buffer seeded from (seed, e, slot). A slot is one reader:
+slot = rank * W + worker with W = max(1, num_workers); slot s reads the shards
+order[s::world_size * W], so ranks and workers read disjoint shards. Every slot emits
+the same number of full batches per epoch, K_e = min over slots of
+(samples in the slot // batch_size); the rest of a slot's shuffled stream is dropped
+(deterministically). So every rank takes W * K_e steps in epoch e and the iterator
+never ends: the trainer decides the step count. The same seed gives the same batch
+sequence for a fixed worker count; with no dropped remainder (every slot's sample
+count a multiple of batch_size) an epoch holds exactly the same samples for any W.
+
+Resuming: a position is (epoch, batch_in_epoch). Restoring regenerates epoch e and
+skips the batches already taken (reading and dropping their samples), which is cheap
+for the small data sets this platform shards; the DataLoader's round-robin over
+workers is rotated so the next batch is exactly what an uninterrupted run would give.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from io import BytesIO
+from itertools import count, islice
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+os.environ.setdefault("WDS_SECURE", "1")  # belt and braces: we never call webdataset's decoders anyway
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from selfflow.platform.data import DataError
+from selfflow.platform.data.shards import (
+    ALLOWED_EXTENSIONS,
+    FORBIDDEN_EXTENSIONS,
+    INDEX_FORMAT,
+    index_path_for,
+)
+
+_SHARD_ORDER_TAG = 0
+# Shard sets up to this size keep their decoded samples in memory after the first epoch: small
+# sets are otherwise loader-bound (tar + npy parsing per sample; BENCHMARKS.md, data path).
+DECODED_CACHE_BYTES = 256 * 2**20
+_SAMPLE_SHUFFLE_TAG = 1
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A validated `{split}.index.json`."""
+
+    path: Path
+    split: str
+    shard_paths: tuple[Path, ...]
+    counts: tuple[int, ...]
+    total: int
+    array_key: str
+    label_key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    num_classes: int
+    metadata: dict[str, Any]
+
+
+def resolve_index_path(source: str | os.PathLike, split: str | None = None) -> Path:
+    """An index file given directly, or `folder/{split}.index.json`."""
+    source = Path(source)
+    if source.is_dir() or source.suffix != ".json":
+        if split is None:
+            raise DataError(f"{source} is not an index file (*.json): pass split= to pick a shard set in that folder")
+        return index_path_for(source, split)
+    if split is not None and source.name != index_path_for(source.parent, split).name:
+        raise DataError(f"index {source} does not belong to split {split!r}")
+    return source
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _index_field(raw: Mapping[str, Any], name: str, path: Path) -> Any:
+    if name not in raw:
+        raise DataError(f"shard index {path} lacks the field {name!r}")
+    return raw[name]
+
+
+def read_index(source: str | os.PathLike, split: str | None = None) -> ShardIndex:
+    """Load and check an index: format, non-empty, counts add up, every shard file exists."""
+    path = resolve_index_path(source, split)
+    if not path.is_file():
+        raise DataError(f"shard index not found: {path} (the shard set is missing or was not written completely)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read shard index {path}: {error}") from None
+    if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path} is not a shard index of format {INDEX_FORMAT!r}")
+
+    shards = _index_field(raw, "shards", path)
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"empty shard set: {path} lists no shards")
+    names, counts = [], []
+    for entry in shards:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        number = entry.get("count") if isinstance(entry, dict) else None
+        # Plain file names only: no folders, no hidden files, no `pipe:`-style URLs.
+        if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or not name.endswith(".tar"):
+            raise DataError(f"shard index {path} has an invalid shard entry {entry!r}")
+        if not _positive_int(number):
+            raise DataError(f"shard index {path}: shard {name} has an invalid count {number!r}")
+        names.append(name)
+        counts.append(number)
+    total = _index_field(raw, "total", path)
+    if total != sum(counts):
+        raise DataError(f"shard index {path}: total {total!r} differs from the sum of shard counts {sum(counts)}")
+    shard_paths = tuple(path.parent / name for name in names)
+    for shard in shard_paths:
+        if not shard.is_file():
+            raise DataError(f"shard listed in {path} is missing: {shard}")
+
+    array_key, label_key = _index_field(raw, "array_key", path), _index_field(raw, "label_key", path)
+    if not isinstance(array_key, str) or array_key.split(".")[-1] != "npy":
+        raise DataError(f"shard index {path}: array_key must name an .npy member, got {array_key!r}")
+    if not isinstance(label_key, str) or label_key.split(".")[-1] != "cls":
+        raise DataError(f"shard index {path}: label_key must name a .cls member, got {label_key!r}")
+    shape = _index_field(raw, "shape", path)
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        raise DataError(f"shard index {path}: invalid shape {shape!r}")
+    try:
+        dtype = np.dtype(_index_field(raw, "dtype", path))
+    except TypeError:
+        raise DataError(f"shard index {path}: invalid dtype {raw['dtype']!r}") from None
+    if dtype.hasobject:
+        raise DataError(f"shard index {path}: object dtype is not allowed")
+    num_classes = _index_field(raw, "num_classes", path)
+    if not _positive_int(num_classes):
+        raise DataError(f"shard index {path}: num_classes must be a positive int, got {num_classes!r}")
+    return ShardIndex(
+        path=path,
+        split=str(raw.get("split", "")),
+        shard_paths=shard_paths,
+        counts=tuple(counts),
+        total=total,
+        array_key=array_key,
+        label_key=label_key,
+        shape=tuple(shape),
+        dtype=dtype,
+        num_classes=num_classes,
+        metadata=dict(raw.get("metadata") or {}),
+    )
+
+
+def check_member_extension(extension: str, key: str, shard: Path) -> None:
+    """Refuse pickle/torch members by name and anything not on the allow-list."""
+    parts = extension.lower().split(".")
+    member = f"{key}.{extension}"
+    if FORBIDDEN_EXTENSIONS.intersection(parts):
+        raise DataError(f"refusing to decode member {member} in shard {shard}: pickle/torch members can run code")
+    if parts[-1] not in ALLOWED_EXTENSIONS:
+        raise DataError(
+            f"unknown member type {member} in shard {shard}; allowed extensions: {sorted(ALLOWED_EXTENSIONS)}"
+        )
+
+
+def _short_reason(error: BaseException) -> str:
+    # webdataset appends " @ <file object>" and stream details to exception args; keep the first part.
+    text = str(error.args[0]) if error.args else ""
+    return f"{type(error).__name__}: {text.split(' @ ')[0]}".rstrip(": ")
+
+
+class _ShardReader:
+    """Reads shards in a given order and yields validated (key, array, label) samples.
+
+    A shard set of at most DECODED_CACHE_BYTES on disk keeps each fully read shard's decoded
+    samples: later epochs replay them instead of parsing tar and npy again (the same samples
+    in the same order, so determinism and resuming are unchanged). Larger sets stream.
+    """
+
+    def __init__(self, index: ShardIndex) -> None:
+        self.index = index
+        self.count_of = dict(zip(index.shard_paths, index.counts))
+        on_disk = sum(path.stat().st_size for path in index.shard_paths)
+        self._decoded: dict[Path, list[tuple[str, np.ndarray, int]]] | None = (
+            {} if on_disk <= DECODED_CACHE_BYTES else None
+        )
+
+    def samples(self, shard_paths: Sequence[Path]) -> Iterator[tuple[str, np.ndarray, int]]:
+        for shard in shard_paths:
+            if self._decoded is not None and shard in self._decoded:
+                yield from self._decoded[shard]
+                continue
+            decoded: list[tuple[str, np.ndarray, int]] = []
+            seen = 0
+            try:
+                with open(shard, "rb") as stream:
+                    members = tar_file_expander([{"url": str(shard), "stream": stream}])
+                    for raw in group_by_keys(members):
+                        sample = self._decode(raw, shard)
+                        seen += 1
+                        if self._decoded is not None:
+                            decoded.append(sample)
+                        yield sample
+            except DataError:
+                raise
+            except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+                raise DataError(f"cannot read shard {shard} (truncated or damaged?): {_short_reason(error)}") from None
+            expected = self.count_of[shard]
+            if seen != expected:
+                raise DataError(
+                    f"shard {shard} holds {seen} samples but its index lists {expected} (truncated or rewritten?)"
+                )
+            if self._decoded is not None:
+                self._decoded[shard] = decoded
+
+    def _decode(self, raw: dict[str, Any], shard: Path) -> tuple[str, np.ndarray, int]:
+        key = raw["__key__"]
+        for extension in raw:
+            if not extension.startswith("__"):
+                check_member_extension(extension, key, shard)
+        index = self.index
+        for wanted in (index.array_key, index.label_key):
+            if wanted not in raw:
+                raise DataError(f"shard {shard}: sample {key} has no .{wanted} member")
+        try:
+            array = np.lib.format.read_array(BytesIO(raw[index.array_key]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(
+                f"shard {shard}: member {key}.{index.array_key} is not a valid npy array ({error})"
+            ) from None
+        if array.shape != index.shape or array.dtype != index.dtype:
+            raise DataError(
+                f"shard {shard}: member {key}.{index.array_key} has shape {array.shape} dtype {array.dtype}; "
+                f"the index says {index.shape} {index.dtype}"
+            )
+        text = raw[index.label_key]
+        try:
+            label = int(text.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"shard {shard}: member {key}.{index.label_key} is not an integer: {text[:20]!r}") from None
+        if not 0 <= label < index.num_classes:
+            raise DataError(
+                f"shard {shard}: member {key}.{index.label_key} has label {label} outside [0, {index.num_classes})"
+            )
+        return key, array, label
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _collate(samples: list[tuple[str, np.ndarray, int]]) -> Batch:
+    _, arrays, labels = zip(*samples)
+    return {
+        "x": torch.from_numpy(np.stack(arrays)).to(torch.float32),
+        "y": torch.tensor(labels, dtype=torch.int64),
+    }
+
+
+def _batches_taken_by(role: int, batch_in_epoch: int, num_readers: int) -> int:
+    """How many of the epoch's first `batch_in_epoch` batches came from worker `role` (round-robin)."""
+    return max(0, -(-(batch_in_epoch - role) // num_readers))
+
+
+class ShardDataset(IterableDataset):
+    """An infinite, seeded stream of full batches {"x": float32 (B, ...), "y": int64 (B,)} of one shard set.
+
+    `source` is an index file or a folder together with `split`. Iterate it through
+    `make_loader`, which tracks the data position; iterating it directly starts at
+    epoch 0 (or at the position given to `at`).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        split: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        keys: Sequence[str] = ("npy", "cls"),
+    ) -> None:
+        super().__init__()
+        if not _positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if not _positive_int(world_size):
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if not _positive_int(shuffle_buffer):
+            raise ValueError(f"shuffle_buffer must be a positive int (1 = no shuffling), got {shuffle_buffer!r}")
+        self.index = read_index(source, split)
+        if tuple(keys) != (self.index.array_key, self.index.label_key):
+            raise ValueError(
+                f"keys {tuple(keys)!r} do not match the index {self.index.path} "
+                f"(array {self.index.array_key!r}, label {self.index.label_key!r})"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self._reader = _ShardReader(self.index)
+        self._start = (0, 0)  # (epoch, batch_in_epoch) the iteration begins at
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.index.shape
+
+    def check_workers(self, num_workers: int) -> None:
+        """Raise DataError unless every (rank, worker) slot gets at least one shard and one batch."""
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+        num_slots = self.world_size * max(1, num_workers)
+        num_shards = len(self.index.shard_paths)
+        if num_shards < num_slots:
+            raise DataError(
+                f"{self.index.path}: {num_shards} shards cannot feed world_size={self.world_size} x "
+                f"num_workers={num_workers} = {num_slots} readers; write at least {num_slots} shards"
+            )
+        # Whatever the epoch's shard order, a slot holds at least num_shards // num_slots shards.
+        fewest = sum(sorted(self.index.counts)[: num_shards // num_slots])
+        if fewest < self.batch_size:
+            raise DataError(
+                f"{self.index.path}: with {num_slots} readers a reader may get only {fewest} samples per epoch, "
+                f"fewer than batch_size={self.batch_size}; write more samples per shard or use fewer readers"
+            )
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into the index's shard list, in the order epoch `epoch` reads them."""
+        rng = np.random.default_rng(_derived_seed(self.seed, epoch, _SHARD_ORDER_TAG))
+        return rng.permutation(len(self.index.shard_paths)).tolist()
+
+    def slot_shards(self, epoch: int, slot: int, num_slots: int) -> list[Path]:
+        return [self.index.shard_paths[i] for i in self.shard_order(epoch)[slot::num_slots]]
+
+    def batches_per_slot(self, epoch: int, num_slots: int) -> int:
+        order = self.shard_order(epoch)
+        smallest = min(sum(self.index.counts[i] for i in order[slot::num_slots]) for slot in range(num_slots))
+        if smallest < self.batch_size:
+            raise DataError(
+                f"{self.index.path}: a reader slot (of {num_slots}) gets only {smallest} samples in epoch {epoch}, "
+                f"fewer than batch_size={self.batch_size}"
+            )
+        return smallest // self.batch_size
+
+    def batches_per_epoch(self, epoch: int, num_workers: int) -> int:
+        """Steps each rank takes in `epoch` (the same on every rank)."""
+        readers = max(1, num_workers)
+        return self.batches_per_slot(epoch, self.world_size * readers) * readers
+
+    def at(self, epoch: int, batch_in_epoch: int) -> ShardDataset:
+        """A copy whose iteration starts at the given data position."""
+        positioned = copy.copy(self)
+        positioned._start = (epoch, batch_in_epoch)
+        return positioned
+
+    def _slot_batches(self, epoch: int, slot: int, num_slots: int, skip: int) -> Iterator[Batch]:
+        num_batches = self.batches_per_slot(epoch, num_slots)
+        samples = self._reader.samples(self.slot_shards(epoch, slot, num_slots))
+        rng = random.Random(_derived_seed(self.seed, epoch, slot, _SAMPLE_SHUFFLE_TAG))
+        shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        kept = islice(shuffled, skip * self.batch_size, num_batches * self.batch_size)
+        try:
+            yield from wds.batched(self.batch_size, collation_fn=_collate, partial=False)(kept)
+        finally:
+            samples.close()  # closes the open shard file when we stop early
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_readers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start_epoch, start_batch = self._start
+        # DataLoader always starts its round-robin at worker 0; rotate the roles so
+        # worker 0 plays whoever owns the next batch of the interrupted sequence.
+        role = (worker + start_batch) % num_readers
+        num_slots = self.world_size * num_readers
+        slot = self.rank * num_readers + role
+        for epoch in count(start_epoch):
+            skip = _batches_taken_by(role, start_batch, num_readers) if epoch == start_epoch else 0
+            yield from self._slot_batches(epoch, slot, num_slots, skip)
+
+
+def _one_line(error: DataError) -> str:
+    """DataLoader re-raises a worker's error with its whole traceback in the message; keep the last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return str(error)
+    name, _, message = lines[-1].partition(": ")
+    return message if name.endswith("DataError") else lines[-1]
+
+
+class ShardLoader:
+    """The infinite batch iterator the trainer holds; knows and restores its data position."""
+
+    def __init__(self, dataset: ShardDataset, num_workers: int = 0) -> None:
+        dataset.check_workers(num_workers)
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._epoch_length = dataset.batches_per_epoch(0, num_workers)
+        self._batches: Iterator[Batch] | None = None
+
+    def __iter__(self) -> ShardLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._batches is None:
+            self._batches = self._open()
+        try:
+            batch = next(self._batches)
+        except DataError as error:
+            self.close()
+            raise DataError(_one_line(error)) from None
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == self._epoch_length:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._epoch_length = self.dataset.batches_per_epoch(self.epoch, self.num_workers)
+        return batch
+
+    def _open(self) -> Iterator[Batch]:
+        positioned = self.dataset.at(self.epoch, self.batch_in_epoch)
+        if self.num_workers == 0:
+            return iter(positioned)
+        return iter(DataLoader(positioned, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+
+    def close(self) -> None:
+        """Stop worker processes now; the next batch reopens the stream at the current position."""
+        batches, self._batches = self._batches, None
+        # Shut workers down explicitly: left to the garbage collector (a worker's exception
+        # keeps the DataLoader iterator in a reference cycle), shutdown can stall ~10 s.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _identity(self) -> dict[str, int]:
+        # What must match for a saved position to mean the same batches on restore.
+        dataset = self.dataset
+        return {
+            "seed": dataset.seed,
+            "batch_size": dataset.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": dataset.world_size,
+            "num_samples": dataset.index.total,
+            "num_shards": len(dataset.index.shard_paths),
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        """Position of the NEXT batch plus what it depends on (plain ints: safe for weights_only loads)."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **self._identity()}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue exactly where `state` was taken (the same on every rank)."""
+        for name, value in self._identity().items():
+            if state.get(name, value) != value:
+                raise ValueError(
+                    f"data state was saved with {name}={state[name]!r} but this loader has {name}={value!r}; "
+                    f"resuming would not reproduce the same batches"
+                )
+        epoch, batch_in_epoch = state.get("epoch"), state.get("batch_in_epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"data state epoch must be a non-negative int, got {epoch!r}")
+        epoch_length = self.dataset.batches_per_epoch(epoch, self.num_workers)
+        valid_position = isinstance(batch_in_epoch, int) and not isinstance(batch_in_epoch, bool)
+        if not valid_position or not 0 <= batch_in_epoch < epoch_length:
+            raise ValueError(f"data state batch_in_epoch must be an int in [0, {epoch_length}), got {batch_in_epoch!r}")
+        self.close()
+        self.epoch, self.batch_in_epoch, self._epoch_length = epoch, batch_in_epoch, epoch_length
+
+
+def make_loader(dataset: ShardDataset, num_workers: int = 0) -> ShardLoader:
+    """An infinite iterator of full batches with `state_dict()` / `load_state_dict()`."""
+    return ShardLoader(dataset, num_workers)
+
+
+def load_split_arrays(source: str | os.PathLike, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in index order, validated: x (N, *shape) in the stored dtype, y int64 (N,)."""
+    index = read_index(source, split)
+    reader = _ShardReader(index)
+    arrays, labels = [], []
+    for _, array, label in reader.samples(index.shard_paths):
+        arrays.append(array)
+        labels.append(label)
+    return np.stack(arrays), np.asarray(labels, dtype=np.int64)

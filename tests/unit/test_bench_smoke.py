@@ -1,0 +1,198 @@
+"""Smoke tests of the benchmark harness at minimal sizes. No timing assertions: only that the
+pieces count, fit, record and render what they should."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from selfflow.platform import bench
+from selfflow.platform import bench_setup as setup
+from selfflow.platform.bench_core import (
+    ResultsLog,
+    Section,
+    Table,
+    Target,
+    Timing,
+    fit_line,
+    fit_power_law,
+    interleaved,
+    paired_ratio,
+)
+from selfflow.platform.bench_flops import count_flops
+from selfflow.platform.bench_report import format_cell, render_report, render_table
+
+
+# ---- FLOP counting -------------------------------------------------------------------------------
+
+
+def test_count_flops_of_a_known_matmul():
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    total, per_op = count_flops(lambda: a @ b)
+    assert total == 2 * 5 * 7 * 3
+    assert sum(per_op.values()) == total
+
+
+def test_count_flops_of_a_linear_forward_and_backward():
+    layer = torch.nn.Linear(6, 4)
+    x = torch.randn(10, 6, requires_grad=True)
+    total, _ = count_flops(lambda: layer(x).sum().backward())
+    # forward 2*10*6*4; backward: grad wrt input and wrt weight, each the same size
+    assert total == 3 * 2 * 10 * 6 * 4
+
+
+def test_count_flops_sees_the_cpu_fused_attention_kernel():
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    q = torch.randn(2, 3, 8, 4, requires_grad=True)
+    forward, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    shape = tuple(q.shape)
+    assert forward == sdpa_flop_count(shape, shape, shape) == 2 * (2 * 2 * 3 * 8 * 8 * 4)
+    both, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    assert both == forward + sdpa_backward_flop_count(shape, shape, shape, shape)
+
+
+# ---- timing and fits -----------------------------------------------------------------------------
+
+
+def test_interleaved_calls_every_variant_and_alternates_the_order():
+    calls: list[str] = []
+    timings = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                          repeats=3, warmup=1, inner=2)
+    assert set(timings) == {"a", "b"} and all(len(t.samples) == 3 for t in timings.values())
+    # warm-up a b, then rounds: a a b b | b b a a | a a b b
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+
+
+def test_interleaved_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="at least one variant"):
+        interleaved({}, repeats=1)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    slow = Timing([2.0, 30.0, 4.0])
+    fast = Timing([1.0, 10.0, 4.0])
+    assert paired_ratio(slow, fast) == 2.0  # ratios 2, 3, 1 -> median 2
+    assert Timing([1.0, 3.0, 2.0]).median == 2.0 and Timing([1.0, 3.0, 2.0]).minimum == 1.0
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio(Timing([1.0]), Timing([1.0, 2.0]))
+
+
+def test_power_law_and_line_fits_recover_known_parameters():
+    xs = [16.0, 64.0, 256.0, 1024.0]
+    exponent, scale = fit_power_law(xs, [3.0 * x**1.5 for x in xs])
+    assert exponent == pytest.approx(1.5) and scale == pytest.approx(3.0)
+    slope, intercept = fit_line([1.0, 2.0, 4.0], [5.0, 7.0, 11.0])
+    assert slope == pytest.approx(2.0) and intercept == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([0.0, 1.0], [1.0, 2.0])
+
+
+# ---- targets, results file, report ---------------------------------------------------------------
+
+
+def test_targets_know_their_direction_and_nan_is_not_met():
+    assert Target("a", 1.2, 1.25, "<=").met and not Target("a", 1.3, 1.25, "<=").met
+    assert Target("b", 12.0, 10.0, ">=").met and not Target("b", 9.0, 10.0, ">=").met
+    assert not Target("c", math.nan, 1.0, "<=").met
+    with pytest.raises(ValueError, match="op"):
+        Target("d", 1.0, 1.0, "<")
+
+
+def test_results_log_appends_one_json_line_per_measurement(tmp_path):
+    path = tmp_path / "bench" / "results.jsonl"
+    info = {"run_id": "r1", "git_commit": "abc", "git_dirty": False, "quick": True}
+    log = ResultsLog(path, info)
+    log.record("objective", "selfflow_over_fm", 1.2, "ratio", config="digits")
+    ResultsLog(path, info).record("data", "loader_samples_per_s", 1e5, "samples/s", workers=0)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["metric"] for line in lines] == ["selfflow_over_fm", "loader_samples_per_s"]
+    assert lines[0]["git_commit"] == "abc" and lines[0]["config"] == "digits" and "timestamp" in lines[0]
+
+
+def test_report_renders_tables_targets_and_machine():
+    assert format_cell(None) == "-" and format_cell(float("nan")) == "-"
+    assert format_cell(1234.5) == "1,234" and format_cell(0.01234) == "0.0123" and format_cell("a|b") == "a\\|b"
+    with pytest.raises(ValueError, match="cells"):
+        Table(["a", "b"], [[1]])
+    table = Table(["config", "ratio"], [["digits", 1.2]], title="T")
+    assert "| config | ratio |" in render_table(table) and "| digits | 1.2 |" in render_table(table)
+    section = Section("objective", "Objective cost", "cmd --only objective", "what it means",
+                      tables=[table], targets=[Target("SF / FM", 1.3, 1.25, "<=")])
+    machine = {"cpu": "Test CPU", "logical_cpus": 2, "torch": "x", "torch_threads": 2}
+    text = render_report([section], machine, {"command": "bench --quick", "git_commit": "abc", "quick": True}, 60.0)
+    assert "Test CPU" in text and "## 1. Objective cost" in text and "cmd --only objective" in text
+    assert "| 1 | SF / FM | 1.3 | <= 1.25 | **no** |" in text
+
+
+def test_main_writes_the_report_and_results(tmp_path, monkeypatch):
+    def fake_item(name, ctx):
+        ctx.results.record(name, "value", 1.0, "")
+        return Section(name, f"title {name}", "cmd", "meaning", tables=[Table(["x"], [[1]])])
+
+    monkeypatch.setattr(bench, "run_item", fake_item)
+    out, results = tmp_path / "BENCH.md", tmp_path / "results.jsonl"
+    assert bench.main(["--quick", "--only", "data,objective", "--out", str(out), "--results", str(results),
+                       "--cache", str(tmp_path / "cache")]) == 0
+    text = out.read_text()
+    assert text.index("title objective") < text.index("title data")  # items run in the issue's order
+    metrics = [json.loads(line)["item"] for line in results.read_text().splitlines()]
+    assert metrics == ["machine", "objective", "data", "run"]
+    with pytest.raises(SystemExit):
+        bench.parse_items("objective,nonsense")
+
+
+# ---- configurations ------------------------------------------------------------------------------
+
+
+def test_bench_configs_build_through_gin_with_the_requested_shape(tmp_path):
+    config = setup.digits(objective="selfflow", batch_size=4, data_shape=(1, 16, 16), hidden_dim=32)
+    assert config.num_tokens == 64 and config.key() == setup.digits(
+        objective="selfflow", batch_size=4, data_shape=(1, 16, 16), hidden_dim=32).key()
+    trainer = setup.build_trainer(config, scratch=tmp_path)
+    model = trainer.experiment.model
+    assert (model.hidden_dim, model.depth, model.num_tokens) == (32, 6, 64)
+    assert type(trainer.experiment.objective).__name__ == "SelfFlowObjective"
+    raw = setup.synthetic_batch(config)
+    assert raw["x"].shape == (4, 1, 16, 16) and raw["y"].shape == (4,)
+    logs = trainer.train_step(raw)
+    assert math.isfinite(logs["loss/total"])
+    with pytest.raises(ValueError, match="objective"):
+        setup.BenchConfig(name="x", objective="nope")
+
+
+def test_hand_written_loop_trains_the_same_model(tmp_path):
+    from selfflow.platform.bench_overhead import HandWrittenLoop
+
+    config = setup.digits(objective="fm", batch_size=4, hidden_dim=32)
+    trainer = setup.build_trainer(config, scratch=tmp_path)
+    loop = HandWrittenLoop(trainer)
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    loop.step(setup.synthetic_batch(config))
+    changed = any(not torch.equal(a, b) for a, b in zip(before, loop.model.parameters()))
+    assert changed and loop.model is not trainer.experiment.model
+
+
+# ---- the data-path fix: decoded samples replayed from memory -------------------------------------
+
+
+def test_decoded_sample_cache_replays_exactly_the_streamed_batches(digits_root, monkeypatch):
+    from selfflow.platform.data import loader as shard_loader
+
+    def batches(cache_limit: int):
+        monkeypatch.setattr(shard_loader, "DECODED_CACHE_BYTES", cache_limit)
+        dataset = shard_loader.ShardDataset(digits_root, batch_size=128, seed=3, split="train")
+        stream = shard_loader.make_loader(dataset)
+        taken = [next(stream) for _ in range(3 * dataset.batches_per_epoch(0, 0) + 1)]  # three epochs and more
+        return taken, dataset._reader._decoded
+
+    cached, decoded = batches(2**30)
+    streamed, nothing = batches(0)
+    assert nothing is None and len(decoded) == len(shard_loader.read_index(digits_root, "train").shard_paths)
+    assert len(cached) == len(streamed)
+    for a, b in zip(cached, streamed):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
