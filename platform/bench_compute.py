@@ -108,11 +108,9 @@ def run(ctx: BenchContext) -> Section:
     started = time.perf_counter()
     size = ctx.pick(2048, 1024)
     peak_before = dense_matmul_flops_per_s(size, repeats=ctx.pick(5, 3))
-    configs = [
-        setup.digits(objective="fm"), setup.digits(objective="selfflow"),
-        setup.s_size(objective="fm", batch_size=ctx.pick(4, 2)),
-        setup.s_size(objective="selfflow", batch_size=ctx.pick(4, 2)),
-    ]
+    configs = [setup.digits(objective="fm"), setup.digits(objective="selfflow")]
+    if not ctx.quick:
+        configs += [setup.s_size(objective="fm", batch_size=4), setup.s_size(objective="selfflow", batch_size=4)]
     ctx.log(f"[compute] {len(configs)} configs")
     rows = efficiency_rows(ctx, configs, peak_before, repeats=ctx.pick(6, 2))
     ctx.log("[compute] tiny config breakdown")

@@ -63,8 +63,9 @@ def run(ctx: BenchContext) -> Section:
     scratch = str(ctx.cache_dir / "scratch")
     batch_sweeps: list[tuple[setup.BenchConfig, Sequence[int]]] = [
         (setup.digits(objective="selfflow"), ctx.pick([32, 128, 512], [32, 128])),
-        (setup.s_size(objective="selfflow"), ctx.pick([2, 8], [2])),
     ]
+    if not ctx.quick:
+        batch_sweeps.append((setup.s_size(objective="selfflow"), [2, 8]))
     size_sweep = [setup.digits(objective="selfflow", batch_size=32, size=size) for size in ctx.pick(("S", "B"), ())]
     rows, measured = [], {}
     for base, batches in batch_sweeps:

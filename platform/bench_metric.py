@@ -52,7 +52,7 @@ class SpreadRow:
         return SEPARATION_FACTOR * self.model_std
 
 
-def train_short_run(folder: Path, steps: int) -> Path:
+def train_short_run(folder: Path, steps: int, threads: int = 1) -> Path:
     """A short digits flow-matching run (no tracking, no periodic evaluation) to measure with."""
     from selfflow.platform.data.shards import build_digits_shards
     from selfflow.platform.run import train
@@ -61,7 +61,8 @@ def train_short_run(folder: Path, steps: int) -> Path:
     build_digits_shards(data, seed=0)
     result = train(
         ["digits/fm.gin"],
-        [f"TrainConfig.steps = {steps}", "TrainConfig.eval_every = 0", "TrainConfig.checkpoint_every = 0",
+        [f"TrainConfig.steps = {steps}", f"TrainConfig.num_threads = {threads}", "TrainConfig.eval_every = 0",
+         "TrainConfig.checkpoint_every = 0",
          f"ShardData.root = '{data}'", "build_experiment.evaluation = None"],
         run_dir=folder / "runs" / "bench_metric", runs_dir=folder / "runs", tracking=False, progress=False,
     )
@@ -126,16 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds per N")
     parser.add_argument("--gin_param", "--gin-param", action="append", default=[],
                         help="overrides, e.g. SamplingConfig.steps=8")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: extra threads mostly spin on a shared 2-core machine)")
     parser.add_argument("--quick", action="store_true", help="small sizes and 3 seeds (a smoke run)")
     args = parser.parse_args(argv)
     sizes = [100, 200] if args.quick else sorted({int(size) for size in args.sizes.split(",")})
     seeds = 3 if args.quick else args.seeds
     if seeds < 2 or not sizes or min(sizes) < 2:
         parser.error("need --seeds >= 2 and sizes >= 2")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_metric-") as temp:
-        run_dir = Path(args.run_dir) if args.run_dir else train_short_run(Path(temp), 150 if args.quick else args.steps)
+        steps = 150 if args.quick else args.steps
+        run_dir = Path(args.run_dir) if args.run_dir else train_short_run(Path(temp), steps, args.threads)
         # A throw-away run keeps its evaluator in ./runs/.cache like every other digits run.
         cache_dir = None if args.run_dir else str(Path("runs/.cache/evaluators").resolve())
         rows = measure_spread(run_dir, sizes, seeds, args.gin_param, cache_dir)

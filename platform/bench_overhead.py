@@ -105,10 +105,9 @@ def measure_config(ctx: BenchContext, config: setup.BenchConfig, repeats: int, w
 
 def run(ctx: BenchContext) -> Section:
     started = time.perf_counter()
-    plans = [
-        (setup.digits(batch_size=128), ctx.pick(20, 5), ctx.pick(3, 1), 1),
-        (setup.s_size(batch_size=ctx.pick(4, 2)), ctx.pick(6, 2), 1, 1),
-    ]
+    plans = [(setup.digits(batch_size=128), ctx.pick(20, 5), ctx.pick(3, 1), 1)]
+    if not ctx.quick:
+        plans.append((setup.s_size(batch_size=4), 6, 1, 1))
     rows, targets = [], []
     for config, repeats, warmup, inner in plans:
         ctx.log(f"[overhead] {config.describe()}, {repeats} interleaved repeats")

@@ -6,6 +6,7 @@ from pathlib import Path
 import gin
 import torch
 
+from selfflow.platform import checkpoint as ckpt
 from selfflow.platform.sampling import class_grid_labels, generate, save_image_grid
 
 
@@ -20,10 +21,7 @@ class CheckpointEvery:
         if last or (self.every and trainer.step % self.every == 0):
             path = trainer.save_checkpoint()
             if last and path is not None:
-                pointer = trainer.run_dir / "final_checkpoint.txt"
-                temp = pointer.with_name(f".{pointer.name}.tmp")  # never a half-written pointer
-                temp.write_text(f"{path.resolve()}\n")
-                temp.replace(pointer)
+                pointer = ckpt.write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
                 trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
                 trainer.tracker.log_artifact(pointer)
 

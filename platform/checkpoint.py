@@ -56,6 +56,15 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """A small text file (config, pointer, sidecar) via temp file + rename: never half-written."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+    return path
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -188,11 +197,8 @@ class Retention:
         return {int(step): float(value) for step, value in raw.get("values", {}).items()}
 
     def _write_values(self, values: dict[int, float]) -> None:
-        path = self.folder / self.SIDECAR
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps({"metric": self.metric, "mode": self.mode,
-                                    "values": {str(k): v for k, v in sorted(values.items())}}))
-        os.replace(temp, path)
+        write_text_atomic(self.folder / self.SIDECAR, json.dumps(
+            {"metric": self.metric, "mode": self.mode, "values": {str(k): v for k, v in sorted(values.items())}}))
 
     def best_step(self, values: dict[int, float]) -> int | None:
         if not values:

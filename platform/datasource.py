@@ -47,7 +47,8 @@ class ShardData:
         try:
             index = read_index(self.root, split)
         except DataError as error:
-            raise UserError(f"{error} (build it with `selfflow data {self.dataset}`)") from None
+            hint = "selfflow data digits" if self.dataset == "digits" else "selfflow data images --folder ... --out ..."
+            raise UserError(f"{error} (build it with `{hint}`)") from None
         if self.data_shape and tuple(index.shape) != self.data_shape:
             raise UserError(
                 f"shards in {self.root} hold arrays of shape {tuple(index.shape)}, the config expects {self.data_shape}"

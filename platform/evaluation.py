@@ -10,6 +10,7 @@ Logged (step = training step):
   eval/fd_data_floor       the same with N real train images in place of samples (what a perfect model scores)
   eval/sample_class_acc    share of samples of class c the evaluator labels c (class-conditional models)
   eval/precision, recall   k-NN precision/recall on evaluator features
+  eval/evaluator_test_acc  the evaluator's own test accuracy (is it competent?)
   probe/{linear,knn}/block{k}/t{level}, probe/{linear,knn}/best, probe/linear/best_block
   loss_by_t/bucket{i}, loss_by_t/overall
   eval/seconds*, eval/cpu_seconds   the cost of this evaluation (wall; CPU of this process)
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from selfflow.components.metrics.evaluator import DigitClassifierCNN, accuracy, batched_outputs, fit_classifier
+from selfflow.components.metrics.plots import plot_loss_by_t, plot_probe_heatmap
 from selfflow.components.metrics.probes import ProbeResults, probe_backbone
 from selfflow.components.metrics.sample_quality import class_accuracy, knn_precision_recall
 from selfflow.components.metrics.stratified import StratifiedLoss, stratified_flow_loss
@@ -559,19 +561,6 @@ def loss_metrics(losses: StratifiedLoss) -> dict[str, float]:
     return metrics
 
 
-def _save_figure_atomic(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(content: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
@@ -583,46 +572,6 @@ def write_json_atomic(content: Any, path: Path) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
-
-
-def plot_probe_heatmap(results: ProbeResults, path: Path, step: int) -> Path:
-    """Block x noise-level accuracy heatmaps (linear, and kNN when present)."""
-    from matplotlib.figure import Figure  # object API: no global backend switch
-
-    tables = [("linear probe", results.linear)] + ([("kNN probe", results.knn)] if results.knn is not None else [])
-    figure = Figure(figsize=(3.2 * len(tables) + 0.8, 0.45 * len(results.blocks) + 1.6))
-    axes = figure.subplots(1, len(tables), squeeze=False)[0]
-    image = None
-    for axis, (title, table) in zip(axes, tables):
-        image = axis.imshow(table, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        axis.set_xticks(range(len(results.levels)), [f"{level:g}" for level in results.levels])
-        axis.set_yticks(range(len(results.blocks)), [str(block) for block in results.blocks])
-        axis.set_xlabel("noise level t")
-        axis.set_ylabel("block")
-        axis.set_title(f"{title}, step {step}")
-        for row in range(table.shape[0]):
-            for col in range(table.shape[1]):
-                value = table[row, col]
-                axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                          color="black" if value > 0.6 else "white")
-    figure.colorbar(image, ax=list(axes), label="test accuracy")
-    return _save_figure_atomic(figure, path)
-
-
-def plot_loss_by_t(losses: StratifiedLoss, path: Path, step: int) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.5, 3.4))
-    axis = figure.subplots()
-    widths = (losses.edges[1:] - losses.edges[:-1]).numpy()
-    axis.bar(losses.centres.numpy(), losses.means.numpy(), width=widths * 0.9, color="tab:blue")
-    axis.axhline(losses.overall, color="tab:red", linestyle="--", label=f"overall {losses.overall:.4f}")
-    axis.set_xlim(0.0, 1.0)
-    axis.set_xlabel("t (0 = data, 1 = noise)")
-    axis.set_ylabel("held-out flow loss")
-    axis.set_title(f"loss by timestep, step {step}")
-    axis.legend(loc="best")
-    return _save_figure_atomic(figure, path)
 
 
 # ---- `selfflow eval` -----------------------------------------------------------------------------

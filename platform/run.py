@@ -75,15 +75,15 @@ def train(
     checkpoint_dir = run_dir / "checkpoints"
     state = None
     if resume:
-        ckpt.clean_temp_files(checkpoint_dir)
-        ckpt.clean_temp_files(run_dir / "samples", pattern=".*.png")  # grids a killed run left half-written
+        for folder, pattern in ((checkpoint_dir, ".*.tmp"), (run_dir, ".*.tmp"), (run_dir / "samples", ".*.png")):
+            ckpt.clean_temp_files(folder, pattern)  # what a killed run left half-written
         latest, state = ckpt.load_latest(checkpoint_dir)
         if latest is None:
             raise UserError(f"--resume: no checkpoint in {checkpoint_dir}")
     elif ckpt.latest(checkpoint_dir) is not None:
         raise UserError(f"run folder {run_dir} already has checkpoints: pass --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.gin").write_text(config_str)
+    ckpt.write_text_atomic(run_dir / "config.gin", config_str)
 
     tracker = NullTracker()
     if tracking:

@@ -117,10 +117,6 @@ class SweepSpec:
             if len(self.seeds) != 1:
                 raise ConfigError(f"search='optuna' runs one seed per configuration, got Sweep.seeds={self.seeds}")
 
-    @property
-    def grouping_keys(self) -> list[str]:
-        return list(self.space)
-
 
 def check_spec(key: str, spec: tuple) -> None:
     if not spec or spec[0] not in SPEC_KINDS:

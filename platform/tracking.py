@@ -201,7 +201,6 @@ class _Delivery:
         self.backoff = 0.0
         self.next_attempt = 0.0
         self.outage: str | None = None  # reason, while the store is unreachable
-        self.outage_records = 0
         self._local_seq = 0
 
     def submit(self, op: str, run_id: str, **payload) -> None:
@@ -274,17 +273,15 @@ class _Delivery:
         if record.op == "metrics":
             step, stamp = int(payload["step"]), int(payload["time"])
             values = payload["metrics"]
-            if self.dedupe:
-                present = self._present_for(record.run_id)
-                fresh = {key: value for key, value in values.items() if (key, step) not in present}
-            else:
-                present, fresh = set(), dict(values)
+            present = self._present_for(record.run_id) if self.dedupe else set()  # no dedupe: skip nothing
+            fresh = {key: value for key, value in values.items() if (key, step) not in present}
             items = [Metric(key, float(value), stamp, step) for key, value in fresh.items()]
             for start in range(0, len(items), _METRIC_BATCH):
-                self.client.log_batch(record.run_id, metrics=items[start:start + _METRIC_BATCH])
-            if self.dedupe:
-                present.update((key, step) for key in fresh)
-            self.stats.metric_values += len(items)
+                batch = items[start:start + _METRIC_BATCH]
+                self.client.log_batch(record.run_id, metrics=batch)
+                if self.dedupe:
+                    present.update((metric.key, step) for metric in batch)  # a retry resends only the rest
+                self.stats.metric_values += len(batch)
             self.stats.duplicates += len(values) - len(fresh)
         elif record.op == "tags":
             tags = [RunTag(key, str(value)) for key, value in payload["tags"].items()]

@@ -18,6 +18,7 @@ from torch import nn
 from selfflow.components.core import Batch, LossTerms
 from selfflow.components.ema import EMA
 from selfflow.platform import checkpoint as ckpt
+from selfflow.platform.allocator import tune_allocator
 from selfflow.platform.errors import TrainingError
 from selfflow.platform.experiment import Experiment
 from selfflow.platform.tracking import NullTracker, Tracker
@@ -105,6 +106,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.progress = progress and rank == 0
 
+        tune_allocator()  # keep freed activation memory: ~7-9% per step here (platform/allocator.py)
         torch.manual_seed(self.config.seed)
         self.module = TrainingModule(experiment.model, experiment.objective)
         self.ema = EMA(experiment.model, decay=self.config.ema_decay)

@@ -196,3 +196,37 @@ def test_decoded_sample_cache_replays_exactly_the_streamed_batches(digits_root, 
     assert len(cached) == len(streamed)
     for a, b in zip(cached, streamed):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+
+
+# ---- the allocator fix -----------------------------------------------------------------------------
+
+
+def test_allocator_tuning_respects_the_switch_and_applies_once(monkeypatch):
+    from selfflow.platform import allocator
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(allocator, "is_glibc", lambda: True)
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv(allocator.ENV_SWITCH, "default")
+    assert allocator.tune_allocator() is False and calls == []
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv(allocator.ENV_SWITCH)
+    assert allocator.tune_allocator() is True and allocator.tune_allocator() is True
+    assert calls == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD_BYTES)]
+
+
+def test_step_worker_runs_steps_in_a_child_and_reports_its_peak(tmp_path):
+    from selfflow.platform.bench_procs import StepWorker
+
+    config = setup.digits(objective="fm", batch_size=2, hidden_dim=16)
+    worker = StepWorker(config, {"SELFFLOW_ALLOCATOR": "default"}, threads=1, scratch=str(tmp_path))
+    worker()
+    peak = worker.close()
+    assert peak is not None and peak > 10

@@ -388,3 +388,18 @@ def test_inception_features_need_a_local_weights_file(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="flavour"):
         InceptionFeatures(tmp_path / "w.pth", "tf")
+
+
+def test_plots_are_written_atomically(tmp_path):
+    from PIL import Image
+
+    from selfflow.components.metrics.plots import plot_loss_by_t, plot_probe_heatmap
+    from selfflow.components.metrics.probes import ProbeResults
+
+    losses = bucketize_losses(torch.linspace(0, 1, 50), torch.linspace(2, 1, 50), 10)
+    probes = ProbeResults(blocks=[1, 2, 3], levels=[0.0, 0.5], linear=np.full((3, 2), 0.5), knn=None)
+    for path in (plot_loss_by_t(losses, tmp_path / "loss.png", step=7),
+                 plot_probe_heatmap(probes, tmp_path / "probes.png", step=7)):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "probes.png"]
