@@ -20,9 +20,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from selfflow.platform.omp import prefer_passive_wait
 
-from selfflow.platform.bench_core import (
+prefer_passive_wait()  # as the CLI does, before torch loads OpenMP (platform/omp.py)
+
+import torch  # noqa: E402
+
+from selfflow.platform.bench_core import (  # noqa: E402
     DEFAULT_CACHE,
     DEFAULT_RESULTS,
     BenchContext,
@@ -31,7 +35,7 @@ from selfflow.platform.bench_core import (
     machine_info,
     new_run_info,
 )
-from selfflow.platform.bench_report import render_report, render_section, write_report
+from selfflow.platform.bench_report import render_report, render_section, write_report  # noqa: E402
 
 ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
 

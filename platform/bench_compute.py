@@ -19,6 +19,8 @@ from selfflow.platform.bench_flops import count_flops, dense_matmul_flops_per_s
 KEY = "compute"
 GLIBC_DEFAULTS = {"SELFFLOW_ALLOCATOR": "default"}
 GLIBC_TUNED = {"SELFFLOW_ALLOCATOR": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+OMP_DEFAULT = {"OMP_WAIT_POLICY": None}  # libgomp's own default: spin a while, then sleep
+OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
@@ -59,8 +61,8 @@ def efficiency_rows(ctx: BenchContext, configs: list[setup.BenchConfig], peak: f
 def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     """The digits Self-Flow step with one knob changed at a time (interleaved).
 
-    In-process variants are compared to the step as configured; the allocator pair runs in two
-    child processes (the setting acts at process start) and is compared child to child."""
+    In-process variants are compared to the step as configured; the allocator and OpenMP pairs run
+    in child processes (those settings act at process start) and are compared child to child."""
     from selfflow.platform.bench_procs import StepWorker
 
     config = setup.digits(objective="selfflow")
@@ -76,10 +78,16 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     configured = f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, fused attention)"
     glibc_defaults = "child process, glibc malloc defaults"
     glibc_tuned = "child process, glibc malloc: no mmap for large blocks, trim threshold 1 GiB"
+    omp_default = f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps)"
+    omp_passive = f"child process, {threads} threads, OMP_WAIT_POLICY=PASSIVE (the platform's setting)"
     workers = {
         glibc_defaults: StepWorker(config, GLIBC_DEFAULTS, threads, scratch),
         glibc_tuned: StepWorker(config, GLIBC_TUNED, threads, scratch),
+        omp_default: StepWorker(config, OMP_DEFAULT, threads, scratch),
+        omp_passive: StepWorker(config, OMP_PASSIVE, threads, scratch),
     }
+    baseline_of = {glibc_defaults: glibc_defaults, glibc_tuned: glibc_defaults,
+                   omp_default: omp_default, omp_passive: omp_default}
     variants = {
         configured: lambda: base.train_step(raw),
         f"{other} thread{'s' if other > 1 else ''}": with_threads(other, lambda: base.train_step(raw)),
@@ -92,7 +100,7 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
         peaks = {name: worker.close() for name, worker in workers.items()}
     rows = []
     for name, timing in timings.items():
-        reference = glibc_defaults if name in workers else configured
+        reference = baseline_of.get(name, configured)
         relative = paired_ratio(timing, timings[reference])
         rows.append([name, timing.median * 1e3, relative, reference if name != reference else "-",
                      flops / timing.median / peak, peaks.get(name)])
@@ -139,8 +147,8 @@ def run(ctx: BenchContext) -> Section:
             "configs sit far below because their matrices are small (96 wide) and elementwise work "
             "(layer norms, tanh-GELU, adaLN modulation, AdamW, EMA) and per-op dispatch dominate. The second "
             "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count, "
-            "timm's fused attention kernel, and glibc's allocator settings (these act at process start, so "
-            "that pair runs in two child processes and is compared child to child)."
+            "timm's fused attention kernel, glibc's allocator settings and OpenMP's wait policy (these two "
+            "act at process start, so each pair runs in two child processes and is compared child to child)."
         ),
         tables=[table, breakdown],
         seconds=time.perf_counter() - started,

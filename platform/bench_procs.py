@@ -1,7 +1,7 @@
 """Training steps in separate, persistent processes, so settings that only take effect at process
 start (environment variables such as glibc's allocator tunables) can be compared interleaved.
 
-    worker = StepWorker(config, env={"MALLOC_TRIM_THRESHOLD_": "1073741824"})
+    worker = StepWorker(config, env={"OMP_WAIT_POLICY": None})   # None: unset in the child
     worker()        # one training step in the child; returns when it is done
     worker.close()
 
@@ -42,10 +42,15 @@ for line in sys.stdin:
 class StepWorker:
     """A child process holding one config's Trainer; calling it runs one training step there."""
 
-    def __init__(self, config: BenchConfig, env: Mapping[str, str] | None = None, threads: int = 1,
+    def __init__(self, config: BenchConfig, env: Mapping[str, str | None] | None = None, threads: int = 1,
                  scratch: str = "runs/.cache/bench/scratch"):
+        """env: variables to set in the child on top of this process's; None removes one."""
         child_env = dict(os.environ)
-        child_env.update(env or {})
+        for name, value in (env or {}).items():
+            if value is None:
+                child_env.pop(name, None)
+            else:
+                child_env[name] = value
         self.process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, json.dumps(asdict(config)), str(threads), str(scratch)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,

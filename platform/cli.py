@@ -10,6 +10,9 @@ from typing import Sequence
 
 from selfflow.platform.data import DataError
 from selfflow.platform.errors import TrainingError, UserError
+from selfflow.platform.omp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch: see platform/omp.py
 
 
 def _add_gin_args(parser: argparse.ArgumentParser) -> None:

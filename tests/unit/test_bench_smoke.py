@@ -187,7 +187,7 @@ def test_decoded_sample_cache_replays_exactly_the_streamed_batches(digits_root, 
         monkeypatch.setattr(shard_loader, "DECODED_CACHE_BYTES", cache_limit)
         dataset = shard_loader.ShardDataset(digits_root, batch_size=128, seed=3, split="train")
         stream = shard_loader.make_loader(dataset)
-        taken = [next(stream) for _ in range(3 * dataset.batches_per_epoch(0, 0) + 1)]  # three epochs and more
+        taken = [next(stream) for _ in range(dataset.batches_per_epoch(0, 0) + 3)]  # epoch 1 replays the cache
         return taken, dataset._reader._decoded
 
     cached, decoded = batches(2**30)
@@ -222,11 +222,24 @@ def test_allocator_tuning_respects_the_switch_and_applies_once(monkeypatch):
     assert calls == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD_BYTES)]
 
 
+@pytest.mark.slow  # starts a child Python that imports the platform: ~10-35 s here
 def test_step_worker_runs_steps_in_a_child_and_reports_its_peak(tmp_path):
     from selfflow.platform.bench_procs import StepWorker
 
     config = setup.digits(objective="fm", batch_size=2, hidden_dim=16)
-    worker = StepWorker(config, {"SELFFLOW_ALLOCATOR": "default"}, threads=1, scratch=str(tmp_path))
+    worker = StepWorker(config, {"SELFFLOW_ALLOCATOR": "default", "OMP_WAIT_POLICY": None}, threads=1,
+                        scratch=str(tmp_path))
     worker()
     peak = worker.close()
     assert peak is not None and peak > 10
+
+
+def test_passive_openmp_wait_is_a_default_the_user_can_override(monkeypatch):
+    from selfflow.platform import omp
+
+    monkeypatch.delenv(omp.WAIT_POLICY_ENV, raising=False)
+    assert omp.prefer_passive_wait() is False  # torch is already imported in this process: too late
+    assert omp.os.environ[omp.WAIT_POLICY_ENV] == "PASSIVE"
+    monkeypatch.setenv(omp.WAIT_POLICY_ENV, "ACTIVE")
+    omp.prefer_passive_wait()
+    assert omp.os.environ[omp.WAIT_POLICY_ENV] == "ACTIVE"
