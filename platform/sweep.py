@@ -451,7 +451,6 @@ def run_sweep(
     from selfflow.platform import ray_cluster
     from selfflow.platform.tracking import MLflowTracker, default_tracking_uri, git_commit
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard per trial
     # Evaluation metrics (eval/fd) appear only at eval steps; ASHA skips results without them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     started = time.perf_counter()
