@@ -25,7 +25,14 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
         "selfflow_slow": base.with_(objective="selfflow", extra=setup.SLOW_PATHS),
         "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",)),
     }
-    trainers = {name: setup.build_trainer(config, scratch=ctx.cache_dir / "scratch") for name, config in variants.items()}
+    # fm, selfflow and dts_only train one shared backbone object (see build_trainer); the fast-paths-off
+    # variant needs its own (gathered_modulation is a backbone attribute).
+    trainers = {"fm": setup.build_trainer(variants["fm"], scratch=ctx.cache_dir / "scratch")}
+    shared = trainers["fm"].experiment.model
+    for name, config in variants.items():
+        if name != "fm":
+            trainers[name] = setup.build_trainer(config, scratch=ctx.cache_dir / "scratch",
+                                                 model=None if name == "selfflow_slow" else shared)
     raw = setup.synthetic_batch(base)
     flops = {name: count_flops(lambda t=trainer: t.train_step(raw))[0] for name, trainer in trainers.items()}
     timings = interleaved({name: (lambda t=trainer: t.train_step(raw)) for name, trainer in trainers.items()},

@@ -26,8 +26,10 @@ class HandWrittenLoop:
     """What a researcher writes by hand: FM loss, AdamW, optional clip + EMA. No checks, no logging."""
 
     def __init__(self, trainer, clip_and_ema: bool = True):
+        """Trains the trainer's own backbone object (its own AdamW state and EMA copy): the same
+        parameter memory as the platform's step, so placement does not differ between them."""
         config = trainer.config
-        self.model = copy.deepcopy(trainer.experiment.model).train()
+        self.model = trainer.experiment.model
         self.tokenizer = trainer.experiment.tokenizer
         self.null_class = trainer.experiment.num_classes
         self.label_dropout = getattr(trainer.experiment.objective, "label_dropout", 0.1)

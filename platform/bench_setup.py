@@ -73,6 +73,7 @@ class BenchConfig:
             "build_experiment.evaluation = None",
             "TrainConfig.eval_every = 0",
             "TrainConfig.checkpoint_every = 0",
+            "TrainConfig.num_threads = 0",  # the bench process sets threads (--threads), Trainer.fit keeps them
         ]
         if data_root is not None:
             params.append(f"ShardData.root = '{data_root}'")
@@ -109,9 +110,15 @@ def build_experiment_for(config: BenchConfig, extra: Sequence[str] = (), data_ro
 
 
 def build_trainer(config: BenchConfig, extra: Sequence[str] = (), scratch: str | Path = "runs/.cache/bench/scratch",
-                  data=None, data_root: str | Path | None = None) -> Trainer:
-    """A Trainer of the config (no tracker, no callbacks, no progress bar)."""
+                  data=None, data_root: str | Path | None = None, model: torch.nn.Module | None = None) -> Trainer:
+    """A Trainer of the config (no tracker, no callbacks, no progress bar).
+
+    model: train this backbone object instead of a new one. Timed comparisons share one backbone:
+    separately allocated copies of the same weights differed by up to ~10% in step time here
+    (memory placement), which would otherwise pass for a difference between the variants."""
     experiment = build_experiment_for(config, extra, data_root)
+    if model is not None:
+        experiment.model = model
     return Trainer(experiment, data if data is not None else iter(()), Path(scratch), progress=False)
 
 

@@ -36,12 +36,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def modulate_scaled(x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
-    """modulate() with the 1 + scale already formed (once per conditioning row, not per token),
-    in one fused pass."""
-    return torch.addcmul(shift, x, one_plus_scale)
-
-
 @dataclass
 class TokenConditioning:
     """Conditioning rows plus the rule that spreads a per-row result over the (B, N) tokens.
@@ -65,16 +59,6 @@ class TokenConditioning:
             per_row = per_row.index_select(0, self.token_to_row)
         return per_row.view(self.batch, self.tokens, per_row.shape[-1])
 
-    def spread(self, per_row: torch.Tensor, chunks: int, plus_one: Sequence[int] = ()) -> list[torch.Tensor]:
-        """(R, chunks * K) -> `chunks` tensors broadcastable to (B, N, K); chunks listed in
-        `plus_one` get 1 added first. Splitting and adding 1 per row, before the per-token
-        gather, keeps both off the (B, N) tokens: in the backward, each piece's gradient
-        then flows straight into its own row gradient (no (B, N, chunks * K) concatenation)."""
-        pieces = list(per_row.chunk(chunks, dim=-1))
-        for index in plus_one:
-            pieces[index] = 1 + pieces[index]
-        return [self.to_tokens(piece) for piece in pieces]
-
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero; modulation is given per token."""
@@ -91,19 +75,13 @@ class DiTBlock(nn.Module):
                        act_layer=partial(nn.GELU, approximate="tanh"))
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
 
-    # Positions of the scales in the adaLN output (shift, scale, gate) x (attention, MLP).
-    SCALE_CHUNKS = (1, 4)
-
-    def forward(self, x: torch.Tensor, modulation: Sequence[torch.Tensor],
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, N, D); modulation: the six adaLN terms (shift, 1 + scale, gate for attention, then
-        for the MLP), each broadcastable to (B, N, D) (TokenConditioning.spread(ada_ln(rows), 6,
-        SCALE_CHUNKS)); attn_mask (B, 1, N, N) bool or None."""
-        shift_attn, one_plus_scale_attn, gate_attn, shift_mlp, one_plus_scale_mlp, gate_mlp = modulation
-        attended = modulate_scaled(self.norm1(x), shift_attn, one_plus_scale_attn)
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, N, D); modulation broadcastable to (B, N, 6D); attn_mask (B, 1, N, N) bool or None."""
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+        attended = modulate(self.norm1(x), shift_attn, scale_attn)
         attended = self.attn(attended) if attn_mask is None else self.attn(attended, attn_mask=attn_mask)
-        x = torch.addcmul(x, gate_attn, attended)
-        return torch.addcmul(x, gate_mlp, self.mlp(modulate_scaled(self.norm2(x), shift_mlp, one_plus_scale_mlp)))
+        x = x + gate_attn * attended
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -115,12 +93,9 @@ class FinalLayer(nn.Module):
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
         self.linear = nn.Linear(hidden_dim, out_dim)
 
-    SCALE_CHUNKS = (1,)
-
-    def forward(self, x: torch.Tensor, modulation: Sequence[torch.Tensor]) -> torch.Tensor:
-        """modulation: (shift, 1 + scale), each broadcastable to (B, N, D)."""
-        shift, one_plus_scale = modulation
-        return self.linear(modulate_scaled(self.norm(x), shift, one_plus_scale))
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        shift, scale = modulation.chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -302,12 +277,11 @@ class DiT(nn.Module):
         h = self.input_projection(x) + self.position_embedding.to(x.dtype)
         hidden: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[:last_block], start=1):
-            modulation = conditioning.spread(block.ada_ln(conditioning.rows), 6, DiTBlock.SCALE_CHUNKS)
+            modulation = conditioning.to_tokens(block.ada_ln(conditioning.rows))
             h = block(h, modulation, attn_mask)
             if index in wanted:
                 hidden[index] = h
         if stop_at is not None:
             return BackboneOutput(velocity=None, hidden=hidden)
-        final = self.final_layer
-        velocity = final(h, conditioning.spread(final.ada_ln(conditioning.rows), 2, FinalLayer.SCALE_CHUNKS))
+        velocity = self.final_layer(h, conditioning.to_tokens(self.final_layer.ada_ln(conditioning.rows)))
         return BackboneOutput(velocity=velocity, hidden=hidden)

@@ -174,7 +174,7 @@ def test_hand_written_loop_trains_the_same_model(tmp_path):
     before = [p.detach().clone() for p in loop.model.parameters()]
     loop.step(setup.synthetic_batch(config))
     changed = any(not torch.equal(a, b) for a, b in zip(before, loop.model.parameters()))
-    assert changed and loop.model is not trainer.experiment.model
+    assert changed and loop.model is trainer.experiment.model and loop.optimizer is not trainer.optimizer
 
 
 # ---- the data-path fix: decoded samples replayed from memory -------------------------------------
