@@ -191,6 +191,16 @@ class DistributedTrainer(Trainer):
                 f"this run has {self.world_size}: resume with --workers {len(generators) or 1}"
             )
 
+    def any_rank_non_finite(self, local: bool) -> bool:
+        # Non-finite gradients need no vote: DDP's all-reduce already spreads them to every rank.
+        if self.world_size == 1:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def replica_divergence(self) -> float:
         """Largest difference between ranks' parameter fingerprints (0.0: replicas identical)."""
         if self.world_size == 1:

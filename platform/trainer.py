@@ -148,8 +148,8 @@ class Trainer:
             out: LossTerms = self.step_module(batch, self.ema.model, self.generator)
         loss = out.total()
         bad = [name for name, value in out.terms.items() if not torch.isfinite(value.detach()).all()]
-        if bad:
-            return self._non_finite(f"loss term '{bad[0]}'")
+        if self.any_rank_non_finite(bool(bad)):
+            return self._non_finite(f"loss term '{bad[0]}'" if bad else "loss term on another rank")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -173,6 +173,12 @@ class Trainer:
         logs.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
         logs["train/grad_norm"] = float(grad_norm)
         return logs
+
+    def any_rank_non_finite(self, local: bool) -> bool:
+        """Whether this rank (or, under data parallelism, any rank) saw a non-finite loss term.
+        One process: its own answer. DistributedTrainer agrees across ranks, so that every rank
+        skips or stops together instead of waiting in backward's gradient all-reduce."""
+        return local
 
     def _non_finite(self, what: str) -> dict[str, float]:
         if self.config.nan_policy == "skip":
