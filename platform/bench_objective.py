@@ -23,16 +23,19 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
         "fm": base.with_(objective="fm"),
         "selfflow": base.with_(objective="selfflow"),
         "selfflow_slow": base.with_(objective="selfflow", extra=setup.SLOW_PATHS),
+        "no_early_exit": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[:1]),
+        "no_gathered": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[1:]),
         "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",)),
     }
-    # fm, selfflow and dts_only train one shared backbone object (see build_trainer); the fast-paths-off
-    # variant needs its own (gathered_modulation is a backbone attribute).
+    # Variants train shared backbone objects (see build_trainer): one with the gathered modulation,
+    # one without (gathered_modulation is a backbone attribute, early_exit an objective one).
     trainers = {"fm": setup.build_trainer(variants["fm"], scratch=ctx.cache_dir / "scratch")}
-    shared = trainers["fm"].experiment.model
+    trainers["selfflow_slow"] = setup.build_trainer(variants["selfflow_slow"], scratch=ctx.cache_dir / "scratch")
+    gathered, ungathered = trainers["fm"].experiment.model, trainers["selfflow_slow"].experiment.model
     for name, config in variants.items():
-        if name != "fm":
+        if name not in trainers:
             trainers[name] = setup.build_trainer(config, scratch=ctx.cache_dir / "scratch",
-                                                 model=None if name == "selfflow_slow" else shared)
+                                                 model=ungathered if name == "no_gathered" else gathered)
     raw = setup.synthetic_batch(base)
     flops = {name: count_flops(lambda t=trainer: t.train_step(raw))[0] for name, trainer in trainers.items()}
     timings = interleaved({name: (lambda t=trainer: t.train_step(raw)) for name, trainer in trainers.items()},
@@ -45,6 +48,10 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
         "flop_ratio": flops["selfflow"] / flops["fm"],
         "flop_ratio_slow": flops["selfflow_slow"] / flops["fm"],
         "ratio_dts": paired_ratio(timings["dts_only"], timings["fm"]),
+        "ratio_no_early_exit": paired_ratio(timings["no_early_exit"], timings["fm"]),
+        "ratio_no_gathered": paired_ratio(timings["no_gathered"], timings["fm"]),
+        "flop_ratio_no_early_exit": flops["no_early_exit"] / flops["fm"],
+        "flop_ratio_no_gathered": flops["no_gathered"] / flops["fm"],
         "ratio_of_minima": timings["selfflow"].minimum / timings["fm"].minimum,
     }
     for name, timing in timings.items():
@@ -58,6 +65,10 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
                        statistic="median of paired ratios", flop_ratio=result["flop_ratio_slow"], repeats=repeats)
     ctx.results.record(KEY, "dts_only_over_fm", result["ratio_dts"], "ratio", config=base.name,
                        statistic="median of paired ratios", repeats=repeats)
+    for name in ("no_early_exit", "no_gathered"):
+        ctx.results.record(KEY, f"selfflow_{name}_over_fm", result[f"ratio_{name}"], "ratio", config=base.name,
+                           statistic="median of paired ratios", flop_ratio=result[f"flop_ratio_{name}"],
+                           repeats=repeats)
     return result
 
 
@@ -77,13 +88,14 @@ def run(ctx: BenchContext) -> Section:
             timings["fm"].median * 1e3, timings["selfflow"].median * 1e3, result["ratio"],
             result["ratio_of_minima"], result["flop_ratio"],
             timings["selfflow_slow"].median * 1e3, result["ratio_slow"], result["flop_ratio_slow"],
+            result["ratio_no_early_exit"], result["ratio_no_gathered"],
             result["ratio_dts"], max(t.spread for t in timings.values()),
         ])
         targets.append(Target(f"Self-Flow / FM step time, {config.name}", result["ratio"], TARGET_RATIO, "<=",
                               f"FLOP ratio {result['flop_ratio']:.3f}; fast paths off: {result['ratio_slow']:.2f}"))
     table = Table(
         ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms", "off / FM",
-         "FLOP ratio off", "DTS only / FM", "spread (IQR/median, worst)"],
+         "FLOP ratio off", "early exit off / FM", "gathered modulation off / FM", "DTS only / FM", "spread (IQR/median, worst)"],
         rows,
     )
     return Section(
@@ -97,7 +109,8 @@ def run(ctx: BenchContext) -> Section:
             "every round); ratios are medians of the per-round paired ratios (the target uses these); \"min of "
             "k\" divides the fastest Self-Flow step by the fastest FM step. \"Fast paths off\" is Self-Flow "
             "with `SelfFlowObjective.early_exit = False` (teacher runs all blocks) and "
-            "`DiT.gathered_modulation = False` (adaLN modulation computed for every token). \"DTS only\" is "
+            "`DiT.gathered_modulation = False` (adaLN modulation computed for every token); the next two columns "
+            "switch off one of them at a time. \"DTS only\" is "
             "Self-Flow with gamma = 0 (per-token levels, no teacher, no head): the cost of per-token "
             "conditioning alone. The FLOP ratio "
             "counts matmul FLOPs of the whole step: the cost the objective cannot avoid; the time ratio above "

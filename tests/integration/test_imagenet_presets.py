@@ -60,6 +60,11 @@ def test_imagenet_presets_match_the_paper(name):
         assert (objective.student_layer, objective.teacher_layer, objective.gamma) == (8, 20, 0.8)
         expected_mask = 0.25 if name.endswith("selfflow.gin") else 0.0
         assert objective.scheduler.mask_ratio == expected_mask
+    # Every ImageNet experiment is scored by Inception FID from a local file (never downloaded).
+    evaluation = experiment.evaluation
+    assert type(evaluation.evaluator).__name__ == "InceptionEvaluator" and evaluation.evaluator.flavour == "fid"
+    assert evaluation.evaluator.weights_path.endswith("pt_inception-2015-12-05-6726825d.pth")
+    assert evaluation.num_samples == 10000
     if name.endswith("repa_dinov2_b.gin"):
         assert (objective.student_layer, objective.weight) == (8, 0.5)
         assert objective.encoder.grid == (16, 16) and objective.encoder.feature_dim == 768  # DINOv2-B/14 at 224
