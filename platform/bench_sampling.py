@@ -133,10 +133,10 @@ def run(ctx: BenchContext) -> Section:
     from selfflow.platform.evaluation import EvalSuite
 
     started = time.perf_counter()
-    full_steps, quick_steps = 1500, 100
+    full_steps, quick_steps = 1500, 40
     steps = full_steps if not ctx.quick or is_trained(ctx, full_steps) else quick_steps
     experiment, model, run_dir = trained_model(ctx, steps)
-    num_samples = ctx.pick(500, 200)
+    num_samples = ctx.pick(500, 100)
     suite = EvalSuite(cache_dir=str(ctx.cache_dir / "evaluators"), num_samples=num_samples)
     context = suite.prepare(experiment, run_dir)
     scorer = Scorer(experiment, model, context, num_samples)
@@ -151,7 +151,7 @@ def run(ctx: BenchContext) -> Section:
     ctx.results.record(KEY, "reference_fd", reference, "FD", sampler="SDE Euler-Maruyama", nfe=REFERENCE_STEPS,
                        num_samples=num_samples, train_steps=steps, data_floor=floor)
 
-    budgets = ctx.pick([4, 8, 16, 32, 64], [4, 8, 16])
+    budgets = ctx.pick([4, 8, 16, 32, 64], [4, 8])
     extra = ctx.pick([128], [])
     specs = [SamplerSpec(name, shift) for name in ("Euler ODE", "Heun ODE", "SDE Euler-Maruyama")
              for shift in (1.0, SHIFT)]
