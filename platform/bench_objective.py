@@ -23,8 +23,8 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
         "fm": base.with_(objective="fm"),
         "selfflow": base.with_(objective="selfflow"),
         "selfflow_slow": base.with_(objective="selfflow", extra=setup.SLOW_PATHS),
-        "no_early_exit": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[:1]),
-        "no_gathered": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[1:]),
+        "selfflow_no_early_exit": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[:1]),
+        "selfflow_no_gathered": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[1:]),
         "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",)),
     }
     # Variants train shared backbone objects (see build_trainer): one with the gathered modulation,
@@ -35,41 +35,24 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
     for name, config in variants.items():
         if name not in trainers:
             trainers[name] = setup.build_trainer(config, scratch=ctx.cache_dir / "scratch",
-                                                 model=ungathered if name == "no_gathered" else gathered)
+                                                 model=ungathered if name == "selfflow_no_gathered" else gathered)
     raw = setup.synthetic_batch(base)
     flops = {name: count_flops(lambda t=trainer: t.train_step(raw))[0] for name, trainer in trainers.items()}
     timings = interleaved({name: (lambda t=trainer: t.train_step(raw)) for name, trainer in trainers.items()},
                           repeats=repeats, warmup=warmup)
-    result = {
-        "timings": timings,
-        "flops": flops,
-        "ratio": paired_ratio(timings["selfflow"], timings["fm"]),
-        "ratio_slow": paired_ratio(timings["selfflow_slow"], timings["fm"]),
-        "flop_ratio": flops["selfflow"] / flops["fm"],
-        "flop_ratio_slow": flops["selfflow_slow"] / flops["fm"],
-        "ratio_dts": paired_ratio(timings["dts_only"], timings["fm"]),
-        "ratio_no_early_exit": paired_ratio(timings["no_early_exit"], timings["fm"]),
-        "ratio_no_gathered": paired_ratio(timings["no_gathered"], timings["fm"]),
-        "flop_ratio_no_early_exit": flops["no_early_exit"] / flops["fm"],
-        "flop_ratio_no_gathered": flops["no_gathered"] / flops["fm"],
-        "ratio_of_minima": timings["selfflow"].minimum / timings["fm"].minimum,
-    }
+    ratios = {name: paired_ratio(timings[name], timings["fm"]) for name in variants if name != "fm"}
+    flop_ratios = {name: flops[name] / flops["fm"] for name in ratios}
+    ratio_of_minima = timings["selfflow"].minimum / timings["fm"].minimum
     for name, timing in timings.items():
         ctx.results.record(KEY, "step_seconds", timing.median, "s", config=base.name, variant=name,
                            describe=variants[name].describe(), min=timing.minimum, spread=timing.spread,
                            repeats=repeats, statistic="median of interleaved repeats", flops=flops[name])
-    ctx.results.record(KEY, "selfflow_over_fm", result["ratio"], "ratio", config=base.name,
-                       statistic="median of paired ratios", flop_ratio=result["flop_ratio"], repeats=repeats,
-                       ratio_of_minima=result["ratio_of_minima"])
-    ctx.results.record(KEY, "selfflow_slow_over_fm", result["ratio_slow"], "ratio", config=base.name,
-                       statistic="median of paired ratios", flop_ratio=result["flop_ratio_slow"], repeats=repeats)
-    ctx.results.record(KEY, "dts_only_over_fm", result["ratio_dts"], "ratio", config=base.name,
-                       statistic="median of paired ratios", repeats=repeats)
-    for name in ("no_early_exit", "no_gathered"):
-        ctx.results.record(KEY, f"selfflow_{name}_over_fm", result[f"ratio_{name}"], "ratio", config=base.name,
-                           statistic="median of paired ratios", flop_ratio=result[f"flop_ratio_{name}"],
-                           repeats=repeats)
-    return result
+    for name, ratio in ratios.items():
+        minima = {"ratio_of_minima": ratio_of_minima} if name == "selfflow" else {}
+        ctx.results.record(KEY, f"{name}_over_fm", ratio, "ratio", config=base.name,
+                           statistic="median of paired ratios", flop_ratio=flop_ratios[name], repeats=repeats,
+                           **minima)
+    return {"timings": timings, "ratios": ratios, "flop_ratios": flop_ratios, "ratio_of_minima": ratio_of_minima}
 
 
 def run(ctx: BenchContext) -> Section:
@@ -81,17 +64,18 @@ def run(ctx: BenchContext) -> Section:
     for config, repeats, warmup in plans:
         ctx.log(f"[objective] {config.name}: {config.describe()}, {repeats} interleaved repeats")
         result = measure_config(ctx, config, repeats, warmup)
-        timings = result["timings"]
+        timings, ratios, flop_ratios = result["timings"], result["ratios"], result["flop_ratios"]
         rows.append([
             f"{config.name} ({config.describe().split(', ', 1)[1]})",
-            timings["fm"].median * 1e3, timings["selfflow"].median * 1e3, result["ratio"],
-            result["ratio_of_minima"], result["flop_ratio"],
-            timings["selfflow_slow"].median * 1e3, result["ratio_slow"], result["flop_ratio_slow"],
-            result["ratio_no_early_exit"], result["ratio_no_gathered"],
-            result["ratio_dts"], max(t.spread for t in timings.values()),
+            timings["fm"].median * 1e3, timings["selfflow"].median * 1e3, ratios["selfflow"],
+            result["ratio_of_minima"], flop_ratios["selfflow"],
+            timings["selfflow_slow"].median * 1e3, ratios["selfflow_slow"], flop_ratios["selfflow_slow"],
+            ratios["selfflow_no_early_exit"], ratios["selfflow_no_gathered"],
+            ratios["dts_only"], max(t.spread for t in timings.values()),
         ])
-        targets.append(Target(f"Self-Flow / FM step time, {config.name}", result["ratio"], TARGET_RATIO, "<=",
-                              f"FLOP ratio {result['flop_ratio']:.3f}; fast paths off: {result['ratio_slow']:.2f}"))
+        targets.append(Target(f"Self-Flow / FM step time, {config.name}", ratios["selfflow"], TARGET_RATIO, "<=",
+                              f"FLOP ratio {flop_ratios['selfflow']:.3f}; fast paths off: "
+                              f"{ratios['selfflow_slow']:.2f}"))
     table = Table(
         ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms", "off / FM",
          "FLOP ratio off", "early exit off / FM", "gathered modulation off / FM", "DTS only / FM", "spread (IQR/median, worst)"],

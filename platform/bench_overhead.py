@@ -1,7 +1,7 @@
 """Item 2, platform overhead: the platform's training loop vs a minimal hand-written PyTorch loop.
 
-Both train vanilla flow matching with the same model (a copy of the same initial weights),
-batch, p(t) (uniform), label dropout, AdamW settings, gradient clipping and EMA decay, so
+Both train vanilla flow matching on the same backbone object (each loop with its own optimizer
+and EMA), the same batch, p(t) (uniform), label dropout, AdamW settings, gradient clipping and EMA decay, so
 the difference is what the platform adds: gin-built components, Batch/LossTerms objects,
 input checks, non-finite checks, per-term logging, running means, callbacks. The bare loop
 (no clipping, no EMA) is shown for scale: it is what those two features cost.

@@ -45,10 +45,11 @@ def model_run(ctx: BenchContext, steps: int) -> tuple[list[str], list[str], Path
 
     root = ensure_digits_shards(ctx.cache_dir)
     config = setup.digits(objective="selfflow")
-    # The thread count does not define the model: it stays out of the cache key.
-    params = [p for p in config.gin_params(root) if not p.startswith("TrainConfig.num_threads")]
-    params += [f"TrainConfig.steps = {steps}", "TrainConfig.log_every = 100"]
-    key = content_hash({"files": config.gin_files(), "params": params})
+    # gin_params trains on the bench's own threads (TrainConfig.num_threads = 0); the thread count
+    # does not define the model, so it stays out of the cache key.
+    params = config.gin_params(root) + [f"TrainConfig.steps = {steps}", "TrainConfig.log_every = 100"]
+    defining = [p for p in params if not p.startswith("TrainConfig.num_threads")]
+    key = content_hash({"files": config.gin_files(), "params": defining})
     return config.gin_files(), params, ctx.cache_dir / "models" / key
 
 
@@ -66,13 +67,8 @@ def trained_model(ctx: BenchContext, steps: int):
     files, params, run_dir = model_run(ctx, steps)
     if not is_trained(ctx, steps):
         ctx.log(f"[sampling] training digits Self-Flow for {steps} steps -> {run_dir}")
-        threads = torch.get_num_threads()
         tick = time.perf_counter()
-        try:
-            # The bench's own thread count (both cores when quiet), not the shipped preset's one thread.
-            train(files, [*params, "TrainConfig.num_threads = 0"], run_dir=run_dir, tracking=False, progress=False)
-        finally:
-            torch.set_num_threads(threads)  # Trainer.fit applies the preset's thread count
+        train(files, params, run_dir=run_dir, tracking=False, progress=False)
         ctx.results.record(KEY, "model_training_seconds", time.perf_counter() - tick, "s", steps=steps)
     else:
         ctx.log(f"[sampling] reusing the cached model {run_dir}")
