@@ -32,8 +32,10 @@ from selfflow.components.core import BackboneOutput
 _ATTENTION_TAKES_MASK = "attn_mask" in inspect.signature(Attention.forward).parameters
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+def modulate(x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with (1 + scale) formed per conditioning row, not per token."""
+    # Not torch.addcmul: its backward measured 1.5-3x slower than mul + add's here (CPU).
+    return x * one_plus_scale + shift
 
 
 @dataclass
@@ -59,12 +61,33 @@ class TokenConditioning:
             per_row = per_row.index_select(0, self.token_to_row)
         return per_row.view(self.batch, self.tokens, per_row.shape[-1])
 
+    def modulation(self, per_row: torch.Tensor, parts: int, scale_parts: Sequence[int]) -> list[torch.Tensor]:
+        """An adaLN layer's (R, parts * D) output -> `parts` tensors broadcastable to (B, N, D).
+
+        Split and "1 +" happen on the R rows before spreading to tokens: spreading each part on its
+        own avoids a (B, N, parts * D) tensor whose backward is a concatenation, and the scales are
+        shifted once per row instead of once per token (both measured in make bench, item 1).
+        """
+        chunks = list(per_row.chunk(parts, dim=-1))
+        for index in scale_parts:
+            chunks[index] = 1 + chunks[index]
+        return [self.to_tokens(chunk) for chunk in chunks]
+
+
+# The MLP's activation. DiT/SiT use tanh-approximated GELU (keep it to load their weights); exact
+# (erf) GELU is the same function to within 5e-4 and, on this CPU build, 2x cheaper forward + backward
+# (BENCHMARKS.md, compute efficiency), so the CPU presets choose it.
+MLP_ACTIVATIONS = {"gelu_tanh": partial(nn.GELU, approximate="tanh"), "gelu": nn.GELU}
+
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero; modulation is given per token."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool) -> None:
+    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
+                 mlp_activation: str = "gelu_tanh") -> None:
         super().__init__()
+        if mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {sorted(MLP_ACTIVATIONS)}, got {mlp_activation!r}")
         self.norm1 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(
             hidden_dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
@@ -72,16 +95,20 @@ class DiTBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_dim, hidden_features=int(hidden_dim * mlp_ratio),
-                       act_layer=partial(nn.GELU, approximate="tanh"))
+                       act_layer=MLP_ACTIVATIONS[mlp_activation])
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, N, D); modulation broadcastable to (B, N, 6D); attn_mask (B, 1, N, N) bool or None."""
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        attended = modulate(self.norm1(x), shift_attn, scale_attn)
+    # Positions of the (1 + scale) parts in the adaLN output (shift, scale, gate) x (attention, MLP).
+    SCALE_PARTS = (1, 4)
+
+    def forward(self, x: torch.Tensor, modulation: Sequence[torch.Tensor], attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, N, D); modulation: shift, 1 + scale, gate for attention then MLP, each broadcastable
+        to (B, N, D) (TokenConditioning.modulation); attn_mask (B, 1, N, N) bool or None."""
+        shift_attn, one_plus_scale_attn, gate_attn, shift_mlp, one_plus_scale_mlp, gate_mlp = modulation
+        attended = modulate(self.norm1(x), shift_attn, one_plus_scale_attn)
         attended = self.attn(attended) if attn_mask is None else self.attn(attended, attn_mask=attn_mask)
         x = x + gate_attn * attended
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, one_plus_scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -93,9 +120,12 @@ class FinalLayer(nn.Module):
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
         self.linear = nn.Linear(hidden_dim, out_dim)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        shift, scale = modulation.chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+    SCALE_PARTS = (1,)
+
+    def forward(self, x: torch.Tensor, modulation: Sequence[torch.Tensor]) -> torch.Tensor:
+        """modulation: shift and 1 + scale, each broadcastable to (B, N, D)."""
+        shift, one_plus_scale = modulation
+        return self.linear(modulate(self.norm(x), shift, one_plus_scale))
 
 
 class DiT(nn.Module):
@@ -121,6 +151,7 @@ class DiT(nn.Module):
         num_classes: int = 0,
         gathered_modulation: bool = True,
         qk_norm: bool = False,
+        mlp_activation: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("depth", depth),
@@ -148,7 +179,8 @@ class DiT(nn.Module):
                              persistent=False)
         self.time_embedder = TimestepEmbedder(hidden_dim)
         self.label_embedder = LabelEmbedder(num_classes, hidden_dim) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio, qk_norm, mlp_activation)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_dim, in_dim)
         self.reset_parameters()
 
@@ -277,11 +309,12 @@ class DiT(nn.Module):
         h = self.input_projection(x) + self.position_embedding.to(x.dtype)
         hidden: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[:last_block], start=1):
-            modulation = conditioning.to_tokens(block.ada_ln(conditioning.rows))
+            modulation = conditioning.modulation(block.ada_ln(conditioning.rows), 6, block.SCALE_PARTS)
             h = block(h, modulation, attn_mask)
             if index in wanted:
                 hidden[index] = h
         if stop_at is not None:
             return BackboneOutput(velocity=None, hidden=hidden)
-        velocity = self.final_layer(h, conditioning.to_tokens(self.final_layer.ada_ln(conditioning.rows)))
+        final = self.final_layer
+        velocity = final(h, conditioning.modulation(final.ada_ln(conditioning.rows), 2, final.SCALE_PARTS))
         return BackboneOutput(velocity=velocity, hidden=hidden)

@@ -158,7 +158,9 @@ class SelfFlowObjective(nn.Module):
             projected = self.head(student.hidden[l])
             terms["rep"] = self.alignment(projected, target_features)
             weights["rep"] = self.gamma
-            diagnostics["rep_cosine"] = token_cosine(projected.detach(), target_features).float().mean()
+            # With the cosine loss the mean cosine is 1 - the loss: no second pass over the features.
+            diagnostics["rep_cosine"] = (1.0 - terms["rep"] if self.rep_loss == "cosine"
+                                         else token_cosine(projected.detach(), target_features).float().mean())
         return LossTerms(terms=terms, weights=weights,
                          diagnostics={name: value.detach() for name, value in diagnostics.items()})
 

@@ -74,7 +74,7 @@ def reference_position_2d(height: int, width: int, dim: int) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
-def reference_forward(model: DiT, x, t, labels, attn_groups=None):
+def reference_forward(model: DiT, x, t, labels, attn_groups=None, gelu_approximate="tanh"):
     """Plain per-token DiT written from the equations; returns (velocity, [h_1, ..., h_depth])."""
     batch, tokens, _ = x.shape
     levels = t if t.dim() == 2 else t[:, None].expand(batch, tokens)
@@ -107,7 +107,7 @@ def reference_forward(model: DiT, x, t, labels, attn_groups=None):
         attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
         h = h + gate_a * block.attn.proj(attended)
         m = layer_norm(h) * (1 + scale_m) + shift_m
-        h = h + gate_m * block.mlp.fc2(F.gelu(block.mlp.fc1(m), approximate="tanh"))
+        h = h + gate_m * block.mlp.fc2(F.gelu(block.mlp.fc1(m), approximate=gelu_approximate))
         hidden.append(h)
     linear = model.final_layer.ada_ln[-1]
     shift, scale = F.linear(F.silu(c), linear.weight, linear.bias).chunk(2, -1)
@@ -150,6 +150,35 @@ def test_matches_formula_level_reference(per_token):
     torch.testing.assert_close(out.velocity, expected_velocity, atol=1e-5, rtol=1e-5)
     for k in (1, 2, 3):
         torch.testing.assert_close(out.hidden[k], expected_hidden[k - 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_exact_gelu_option_matches_the_reference_and_differs_from_tanh(gathered):
+    model = make_model(seed=1, mlp_activation="gelu", gathered_modulation=gathered)
+    x, _, labels, generator = inputs(1)
+    t = two_level_t(BATCH, N, generator)
+    expected_velocity, _ = reference_forward(model, x, t, labels, gelu_approximate="none")
+    velocity = model(x, t, labels).velocity
+    torch.testing.assert_close(velocity, expected_velocity, atol=1e-5, rtol=1e-5)
+    tanh_velocity, _ = reference_forward(model, x, t, labels, gelu_approximate="tanh")
+    assert not torch.allclose(velocity, tanh_velocity, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="mlp_activation must be one of"):
+        make_model(mlp_activation="relu")
+
+
+def test_digits_preset_uses_exact_gelu_and_imagenet_presets_keep_dits():
+    import gin
+
+    from selfflow.platform import config as gin_config
+
+    def activations(preset: str) -> set[str]:
+        gin_config.parse([preset], finalize=False)
+        model = gin.get_configurable("DiT")(in_dim=4, grid=(2, 2), num_classes=10)
+        return {module.approximate for module in model.modules() if isinstance(module, torch.nn.GELU)}
+
+    assert activations("backbones/dit_tiny.gin") == {"none"}
+    assert activations("backbones/dit_S.gin") == {"tanh"}
+    gin.clear_config()
 
 
 @pytest.mark.parametrize("gathered", [True, False])
