@@ -271,6 +271,9 @@ class BenchContext:
     command: str
     machine: dict[str, Any]
     log: Callable[[str], None] = print
+    # Training-step measurements of this run, by BenchConfig.key(): (matmul FLOPs, Timing). Item 1
+    # fills it; item 4 reuses what is there instead of timing the same configs again.
+    step_measurements: dict[str, tuple[float, Timing]] = field(default_factory=dict)
 
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full

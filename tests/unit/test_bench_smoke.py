@@ -243,3 +243,22 @@ def test_passive_openmp_wait_is_a_default_the_user_can_override(monkeypatch):
     monkeypatch.setenv(omp.WAIT_POLICY_ENV, "ACTIVE")
     omp.prefer_passive_wait()
     assert omp.os.environ[omp.WAIT_POLICY_ENV] == "ACTIVE"
+
+
+def test_compute_item_reuses_step_measurements_of_item_one(tmp_path, monkeypatch):
+    from selfflow.platform import bench_compute
+    from selfflow.platform.bench_core import BenchContext
+
+    measured = setup.digits(objective="fm")
+    ctx = BenchContext(quick=True, results=ResultsLog(None, {}), cache_dir=tmp_path, command="test", machine={},
+                       log=lambda message: None)
+    ctx.step_measurements[measured.key()] = (3e9, Timing([0.5, 0.25, 0.3]))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a config item 1 measured must not be built and timed again")
+
+    monkeypatch.setattr(setup, "build_trainer", no_training)
+    (row,) = bench_compute.efficiency_rows(ctx, [measured], peak=20e9, repeats=2)
+    # median 0.3 s -> 10 GFLOP/s achieved, half of the 20 GFLOP/s peak
+    assert row[1:5] == pytest.approx([3.0, 300.0, 10.0, 0.5])
+    assert row[5] == "item 1"
