@@ -38,6 +38,10 @@ from selfflow.platform.bench_core import (  # noqa: E402
 from selfflow.platform.bench_report import render_report, render_section, write_report  # noqa: E402
 
 ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
+# Memory runs before sampling so that the sampling model, when it is not cached, trains in a child
+# process meanwhile: memory measures peak RSS, which CPU contention does not change (saves ~1.5 min
+# of a cold run). The report keeps the ITEMS order.
+RUN_ORDER = ("objective", "overhead", "data", "compute", "memory", "sampling", "scaling")
 
 
 def run_item(name: str, ctx: BenchContext) -> Section:
@@ -81,17 +85,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                        machine=machine, log=lambda text: print(text, file=sys.stderr, flush=True))
 
     started = time.perf_counter()
-    sections: list[Section] = []
-    for number, name in enumerate(items, start=1):
-        ctx.log(f"== {name} ==")
-        section = run_item(name, ctx)
-        sections.append(section)
-        print(render_section(number, section), flush=True)
-        ctx.log(f"== {name}: {section.seconds:.0f} s (total {time.perf_counter() - started:.0f} s) ==")
+    sections: dict[str, Section] = {}
+    try:
+        for name in sorted(items, key=RUN_ORDER.index):
+            if name == "memory" and "sampling" in items:
+                from selfflow.platform.bench_sampling import start_background_training
+                start_background_training(ctx)
+            ctx.log(f"== {name} ==")
+            section = sections[name] = run_item(name, ctx)
+            print(render_section(items.index(name) + 1, section), flush=True)
+            ctx.log(f"== {name}: {section.seconds:.0f} s (total {time.perf_counter() - started:.0f} s) ==")
+    finally:
+        for process, *_ in ctx.background.values():
+            process.kill()  # an item failed or was interrupted: no orphan trainer
     total = time.perf_counter() - started
     results.record("run", "total_seconds", total, "s", items=items)
     if args.out:
-        path = write_report(render_report(sections, machine, run_info, total), args.out)
+        path = write_report(render_report([sections[name] for name in items], machine, run_info, total), args.out)
         ctx.log(f"report written to {path} ({total / 60:.1f} min)")
     return 0
 

@@ -274,6 +274,9 @@ class BenchContext:
     # Training-step measurements of this run, by BenchConfig.key(): (matmul FLOPs, Timing). Item 1
     # fills it; item 4 reuses what is there instead of timing the same configs again.
     step_measurements: dict[str, tuple[float, Timing]] = field(default_factory=dict)
+    # Child processes an item started ahead of time (e.g. model training), by name; main() kills
+    # any still running when the bench ends.
+    background: dict[str, Any] = field(default_factory=dict)
 
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full

@@ -262,3 +262,16 @@ def test_compute_item_reuses_step_measurements_of_item_one(tmp_path, monkeypatch
     # median 0.3 s -> 10 GFLOP/s achieved, half of the 20 GFLOP/s peak
     assert row[1:5] == pytest.approx([3.0, 300.0, 10.0, 0.5])
     assert row[5] == "item 1"
+
+
+def test_a_failed_background_training_is_reported_with_its_exit_code_and_log(tmp_path, monkeypatch):
+    from selfflow.platform import bench_sampling
+    from selfflow.platform.bench_core import BenchContext
+
+    ctx = BenchContext(quick=True, results=ResultsLog(None, {}), cache_dir=tmp_path, command="test", machine={},
+                       log=lambda message: None)
+    monkeypatch.setattr(bench_sampling, "_TRAIN_CHILD", "import sys; print('boom: no data'); sys.exit(3)")
+    assert bench_sampling.start_background_training(ctx)
+    with pytest.raises(RuntimeError, match=r"exit 3\): boom: no data \(log: .*\.log\)"):
+        bench_sampling.trained_model(ctx, bench_sampling.model_steps(ctx))
+    assert not ctx.background
