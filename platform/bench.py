@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_section(items.index(name) + 1, section), flush=True)
             ctx.log(f"== {name}: {section.seconds:.0f} s (total {time.perf_counter() - started:.0f} s) ==")
     finally:
-        for process, *_ in ctx.background.values():
-            process.kill()  # an item failed or was interrupted: no orphan trainer
+        for job in ctx.background.values():
+            job.stop()  # an item failed or was interrupted: no orphan trainer
     total = time.perf_counter() - started
     results.record("run", "total_seconds", total, "s", items=items)
     if args.out:

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -262,6 +262,23 @@ class ResultsLog:
 
 
 @dataclass
+class BackgroundJob:
+    """A child process an item started ahead of time, its output log and what it produces."""
+
+    process: subprocess.Popen
+    log: IO[str]
+    output: Path
+    started: float
+
+    def stop(self) -> None:
+        """Kill it if it still runs (an item failed or the bench was interrupted) and close its log."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@dataclass
 class BenchContext:
     """What every item gets: size mode, results log, cache folder, the command line."""
 
@@ -274,9 +291,9 @@ class BenchContext:
     # Training-step measurements of this run, by BenchConfig.key(): (matmul FLOPs, Timing). Item 1
     # fills it; item 4 reuses what is there instead of timing the same configs again.
     step_measurements: dict[str, tuple[float, Timing]] = field(default_factory=dict)
-    # Child processes an item started ahead of time (e.g. model training), by name; main() kills
+    # Child processes an item started ahead of time (e.g. model training), by name; main() stops
     # any still running when the bench ends.
-    background: dict[str, Any] = field(default_factory=dict)
+    background: dict[str, BackgroundJob] = field(default_factory=dict)
 
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full
