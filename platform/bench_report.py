@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from selfflow.components.files import write_text_atomic
 from selfflow.platform.bench_core import Section, Table, Target
 
 
@@ -104,14 +104,4 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
 
 def write_report(text: str, path: str | os.PathLike) -> Path:
     """Atomic write (temp file + rename): a crash never leaves half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)

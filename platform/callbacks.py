@@ -6,7 +6,7 @@ from pathlib import Path
 import gin
 import torch
 
-from selfflow.platform import checkpoint as ckpt
+from selfflow.components.files import write_text_atomic
 from selfflow.platform.sampling import class_grid_labels, generate, save_image_grid
 
 
@@ -21,7 +21,7 @@ class CheckpointEvery:
         if last or (self.every and trainer.step % self.every == 0):
             path = trainer.save_checkpoint()
             if last and path is not None:
-                pointer = ckpt.write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
+                pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
                 trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
                 trainer.tracker.log_artifact(pointer)
 
@@ -36,11 +36,7 @@ class LogOperativeConfig:
         if self.done or trainer.rank != 0:
             return
         self.done = True
-        path = trainer.run_dir / "operative_config.gin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_suffix(".gin.tmp")
-        temp.write_text(gin.operative_config_str())
-        temp.replace(path)
+        path = write_text_atomic(trainer.run_dir / "operative_config.gin", gin.operative_config_str())
         trainer.tracker.log_artifact(path)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from selfflow.components.files import write_text_atomic
 from selfflow.platform.errors import CheckpointError
 
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
@@ -53,15 +54,6 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """A small text file (config, pointer, sidecar) via temp file + rename: never half-written."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
     return path
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from selfflow.components.files import atomic_path, write_text_atomic
 from selfflow.platform.errors import UserError
 
 DEFAULT_METRICS = (
@@ -174,14 +175,15 @@ def plot_histories(histories: dict[str, dict[str, list]], folder: Path) -> list[
         axis.legend(fontsize=7)
         figure.tight_layout()
         path = folder / (metric.replace("/", "_") + ".png")
-        figure.savefig(path, dpi=100)
+        with atomic_path(path, suffix=".png") as temp:
+            figure.savefig(temp, format="png", dpi=100)
         plt.close(figure)
         paths.append(path)
     return paths
 
 
 def write_csv(groups: list[GroupStats], metrics: Sequence[str], path: Path) -> Path:
-    with open(path, "w", newline="") as file:
+    with atomic_path(path) as temp, open(temp, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["group", "runs", "seeds", *[f"{m} {part}" for m in metrics for part in ("mean", "ci95", "n")]])
         for g in groups:
@@ -225,7 +227,7 @@ def compare_runs(
         print(table, flush=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.txt").write_text(f"{title}\n{table}\n")
+    write_text_atomic(out_dir / "comparison.txt", f"{title}\n{table}\n")
     files = [out_dir / "comparison.txt", write_csv(groups, chosen, out_dir / "comparison.csv")]
     plotted = sorted(m for m in present if m.startswith(PLOT_PREFIXES))
     files += plot_histories(_histories(client, groups, plotted), out_dir / "plots")

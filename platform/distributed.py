@@ -35,6 +35,7 @@ import gin
 import torch
 from torch import nn
 
+from selfflow.components.files import write_text_atomic
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform import config as gin_config
 from selfflow.platform.errors import ConfigError, TrainingError, UserError
@@ -473,7 +474,7 @@ def train_distributed(
     if not resume and ckpt.latest(checkpoint_dir) is not None:
         raise UserError(f"run folder {run_dir} already has checkpoints: pass --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.gin").write_text(config_str)
+    write_text_atomic(run_dir / "config.gin", config_str)
 
     cluster = ray_cluster.connect()
     ray_cluster.check_fits(cluster, scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker,

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfflow.components.files import write_text_atomic
 from selfflow.components.metrics.evaluator import DigitClassifierCNN, accuracy, batched_outputs, fit_classifier
 from selfflow.components.metrics.plots import plot_loss_by_t, plot_probe_heatmap
 from selfflow.components.metrics.probes import ProbeResults, probe_backbone
@@ -562,16 +562,7 @@ def loss_metrics(losses: StratifiedLoss) -> dict[str, float]:
 
 
 def write_json_atomic(content: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2, sort_keys=True)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(content, indent=2, sort_keys=True))
 
 
 # ---- `selfflow eval` -----------------------------------------------------------------------------

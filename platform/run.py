@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from selfflow.components.files import write_text_atomic
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform import config as gin_config
 from selfflow.platform.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid
@@ -83,7 +84,7 @@ def train(
     elif ckpt.latest(checkpoint_dir) is not None:
         raise UserError(f"run folder {run_dir} already has checkpoints: pass --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(run_dir / "config.gin", config_str)
+    write_text_atomic(run_dir / "config.gin", config_str)
 
     tracker = NullTracker()
     if tracking:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from selfflow.components.files import atomic_path
 from selfflow.components.samplers.grids import time_grid
 from selfflow.components.samplers.guidance import classifier_free_guidance
 from selfflow.components.samplers.ode import EulerSampler
@@ -72,12 +72,6 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, va
     if scaled.shape[-1] < 32:
         factor = max(1, 32 // scaled.shape[-1])
         scaled = torch.nn.functional.interpolate(scaled, scale_factor=factor, mode="nearest")
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".png") as temp:
         save_image(scaled, temp, nrow=nrow, padding=2, pad_value=0.5)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
     return path

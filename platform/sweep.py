@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import gin
 
+from selfflow.components.files import write_text_atomic
 from selfflow.platform import config as gin_config
 from selfflow.platform.distributed import (
     Scaling,
@@ -295,9 +296,7 @@ def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[
     items = [Param(key[:250], value[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])
-    temp = id_file.with_suffix(".tmp")
-    temp.write_text(run.info.run_id + "\n")
-    temp.replace(id_file)
+    write_text_atomic(id_file, run.info.run_id + "\n")
     return run.info.run_id
 
 
@@ -459,8 +458,8 @@ def run_sweep(
     steps = validate(spec, base_config)
     sweep_dir = Path(sweep_dir or Path(runs_dir) / "sweeps" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.gin").write_text(spec_text)
-    (sweep_dir / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
+    write_text_atomic(sweep_dir / "sweep.gin", spec_text)
+    write_text_atomic(sweep_dir / "spec.json", json.dumps(asdict(spec), indent=2, default=str))
 
     uri = parent_id = experiment_id = None
     parent = None
@@ -576,8 +575,7 @@ def write_summary(result: SweepResult, spec: SweepSpec) -> Path:
     for t in result.failed:
         lines.append(f"FAILED for good: trial {t.trial_id} ({t.group}, seed {t.seed}): {t.error}")
     path = result.sweep_dir / "summary.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def print_summary(result: SweepResult) -> None:

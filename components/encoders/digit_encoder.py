@@ -9,12 +9,13 @@ store it as a weights-only file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfflow.components.files import atomic_path
 
 # size -> (feature_dim, depth, heads): clearly increasing capacity.
 DIGIT_ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
@@ -89,14 +90,8 @@ class DigitEncoder(nn.Module):
             "size": self.size, "patch_size": self.patch_size, "image_size": self.image_size, "seed": self.seed,
             "state_dict": {key: value.detach().cpu() for key, value in self.state_dict().items()},
         }
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
+        with atomic_path(path) as temporary:
             torch.save(payload, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
         return path
 
 

@@ -5,25 +5,17 @@ matplotlib's object API (Figure) is used directly: no global backend switch, no 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from selfflow.components.files import atomic_path
 from selfflow.components.metrics.probes import ProbeResults
 from selfflow.components.metrics.stratified import StratifiedLoss
 
 
 def save_figure_atomic(figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".png") as temp:
         figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_probe_heatmap(results: ProbeResults, path: str | os.PathLike, step: int) -> Path:

@@ -14,7 +14,6 @@ weights-only load). `ConvAETokenizer` applies them: tokens are unit-variance lat
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.components.files import atomic_path
 from selfflow.components.tokenizers.latents import LatentNormalization
 from selfflow.components.tokenizers.patchify import Patchify
 
@@ -123,14 +123,8 @@ def save_conv_autoencoder(model: ConvAutoencoder, path: str | os.PathLike) -> Pa
         "config": dict(model.config),
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 
