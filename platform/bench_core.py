@@ -298,6 +298,10 @@ class BenchContext:
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full
 
+    def background_running(self) -> bool:
+        """Whether a child process started ahead of time is still running (its CPU use overlaps)."""
+        return any(job.process.poll() is None for job in self.background.values())
+
 
 def new_run_info(quick: bool, command: str) -> dict[str, Any]:
     commit, dirty = git_state()

@@ -8,11 +8,16 @@ grid, at growing NFE. FD uses the platform's evaluator (platform/evaluation.py: 
 classifier's features, FD via torchmetrics) against the test split. The reference is the
 paper's sampler: SDE Euler-Maruyama, 250 steps, final mean step. For each sampler we
 report the smallest NFE whose FD is within 10% of the reference's.
+
+The Heun target is judged on FDs averaged over independent sample sets (noise, labels and SDE
+noise drawn from another seed): on one model, Heun's FD over the reference's FD at 15 NFE measured
+0.99, 1.04, 1.11 and 1.18 on four 500-sample sets, so one set cannot tell 1.05 from 1.15.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +36,8 @@ WITHIN = 0.10
 HEUN_TARGET_NFE = 32
 SHIFT = 2.0  # the shifted grids' s(a, t) = a t / (1 + (a - 1) t): more steps near noise
 REFERENCE_STEPS = 250
+SAMPLE_SET_SEEDS = (2024, 7024, 12024)  # set 1: every curve; later sets: the reference and Heun (<= 32 NFE).
+# Seeds far apart: a set uses seed and seed + 1 (its SDE noise), which must not be another set's.
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,16 @@ def trained_model(ctx: BenchContext, steps: int):
     return experiment, model, run_dir
 
 
+def untrained_experiment(ctx: BenchContext, steps: int):
+    """The experiment of the item's model, built from its gin config (weights untrained): its data."""
+    from selfflow.platform import config as gin_config
+    from selfflow.platform.experiment import build_from_gin
+
+    files, params, _ = model_run(ctx, steps)
+    gin_config.parse(files, params)
+    return build_from_gin()
+
+
 def grid_for(spec: SamplerSpec, budget: int) -> tuple[object, torch.Tensor, int]:
     """(sampler, time grid, NFE it will use) for an NFE budget."""
     from selfflow.components.samplers import (
@@ -186,17 +203,62 @@ class Scorer:
         return self.context.reference(features)
 
 
+def heun_sample_set(ctx: BenchContext, scorer: Scorer, heun: list[SamplerSpec], budgets: list[int], steps: int):
+    """(reference FD, {Heun spec: {budget: FD}}) of one more sample set."""
+    reference_sampler, reference_grid, _ = grid_for(SamplerSpec("SDE Euler-Maruyama", 1.0), REFERENCE_STEPS)
+    reference = scorer.fd(reference_sampler, reference_grid)
+    curves = {}
+    for spec in heun:
+        curves[spec] = {budget: scorer.fd(*grid_for(spec, budget)[:2]) for budget in budgets}
+        for budget, value in curves[spec].items():
+            ctx.results.record(KEY, "fd", value, "FD", sampler=spec.name, shift=spec.shift, budget=budget,
+                               nfe=grid_for(spec, budget)[2], seed=scorer.seed, train_steps=steps,
+                               num_samples=scorer.noise.shape[0], relative_to_reference=value / reference)
+    ctx.results.record(KEY, "reference_fd", reference, "FD", sampler="SDE Euler-Maruyama", nfe=REFERENCE_STEPS,
+                       seed=scorer.seed, num_samples=scorer.noise.shape[0], train_steps=steps)
+    ctx.log(f"[sampling] sample set {scorer.seed}: reference {reference:.3f}; " + "; ".join(
+        f"{spec.label}: " + ", ".join(f"{b}:{v:.3f}" for b, v in curve.items()) for spec, curve in curves.items()))
+    return reference, curves
+
+
+def heun_target_table(sets, heun: list[SamplerSpec], budgets: list[int], seeds):
+    """The Heun target on FDs averaged over sample sets: (table, NFE or None, its spec, best mean ratio)."""
+    rows = []
+    for seed, (reference, curves) in zip(seeds, sets):
+        for spec in heun:
+            rows.append([f"set {seed}", reference, spec.label] + [curves[spec][b] / reference for b in budgets])
+    mean_reference = sum(reference for reference, _ in sets) / len(sets)
+    best: tuple[int, SamplerSpec] | None = None
+    best_ratio = math.inf
+    for spec in heun:
+        means = {b: sum(curves[spec][b] for _, curves in sets) / len(sets) for b in budgets}
+        rows.append([f"mean of {len(sets)}", mean_reference, spec.label] + [means[b] / mean_reference for b in budgets])
+        best_ratio = min(best_ratio, min(means.values()) / mean_reference)
+        hit = next((grid_for(spec, b)[2] for b in budgets if means[b] <= (1 + WITHIN) * mean_reference), None)
+        if hit is not None and (best is None or hit < best[0]):
+            best = (hit, spec)
+    table = Table(["sample set", "reference FD", "sampler"] + [f"NFE {b}" for b in budgets], rows,
+                  title=f"Heun FD / reference FD per sample set (seed) and on the mean FDs; the target reads the "
+                        f"means (within 10%: <= {1 + WITHIN:.2f})")
+    nfe, spec = best if best is not None else (None, heun[0])
+    return table, nfe, spec, best_ratio
+
+
 def run(ctx: BenchContext) -> Section:
     from selfflow.platform.evaluation import EvalSuite
 
     started = time.perf_counter()
     steps = model_steps(ctx)
-    experiment, model, run_dir = trained_model(ctx, steps)
     num_samples = ctx.pick(500, 100)
     suite = EvalSuite(cache_dir=str(ctx.cache_dir / "evaluators"), num_samples=num_samples)
-    context = suite.prepare(experiment, run_dir)
-    scorer = Scorer(experiment, model, context, num_samples)
+    # The evaluator (a CNN, fitted on a cold cache) and the real-data floor need the data, not the
+    # model: prepared first, while a background training of the model may still run.
+    context = suite.prepare(untrained_experiment(ctx, steps), ctx.cache_dir)
     floor = suite.data_floor(context, num_samples)
+    experiment, model, run_dir = trained_model(ctx, steps)
+    if suite.prepare(experiment, run_dir) is not context:
+        raise RuntimeError("the sampling model's data differs from the evaluator's: prepare() built a second context")
+    scorer = Scorer(experiment, model, context, num_samples)
 
     tick = time.perf_counter()
     reference_sampler, reference_grid, _ = grid_for(SamplerSpec("SDE Euler-Maruyama", 1.0), REFERENCE_STEPS)
@@ -249,14 +311,26 @@ def run(ctx: BenchContext) -> Section:
                            ode_limit_fd=ode_limit, reference_fd=reference, train_steps=steps)
         notes.append(f"ODE limit (best uniform-grid Euler/Heun FD at NFE {budgets[-1]}): {ode_limit:.3f}, "
                      f"{ode_limit / reference:.3f}x the SDE reference: what more ODE steps converge to.")
-    table = Table(header, rows, title=f"FD (lower is better) of {num_samples} samples vs the test split; "
+    table = Table(header, rows, title=f"Sample set {SAMPLE_SET_SEEDS[0]}: FD (lower is better) of {num_samples} "
+                                      f"samples vs the test split; "
                                       f"reference SDE {REFERENCE_STEPS} steps: {reference:.3f}; "
                                       f"real-data floor (N real train images): {floor:.3f}")
     heun = [spec for spec in specs if spec.name == "Heun ODE"]
-    heun_hits = [(reached[spec], spec) for spec in heun if reached[spec] is not None]
-    best_nfe, best_spec = min(heun_hits, key=lambda pair: pair[0]) if heun_hits else (float("nan"), heun[0])
-    targets = [Target("Heun ODE: NFE to come within 10% of SDE-250 FD", float(best_nfe), HEUN_TARGET_NFE, "<=",
-                      f"{best_spec.label}; uniform grid: {reached[heun[0]]}")]
+    heun_budgets = [b for b in budgets if b <= HEUN_TARGET_NFE]
+    seeds = SAMPLE_SET_SEEDS[:ctx.pick(len(SAMPLE_SET_SEEDS), 1)]
+    sets = [(reference, {spec: {b: curves[spec][b] for b in heun_budgets} for spec in heun})]
+    for seed in seeds[1:]:
+        sets.append(heun_sample_set(ctx, Scorer(experiment, model, context, num_samples, seed=seed), heun,
+                                    heun_budgets, steps))
+    heun_table, best_nfe, best_spec, mean_ratio = heun_target_table(sets, heun, heun_budgets, seeds)
+    ctx.results.record(KEY, "heun_nfe_within_10pct_mean_of_sets", best_nfe if best_nfe is not None else -1, "NFE",
+                       sampler=best_spec.name, shift=best_spec.shift, seeds=list(seeds), num_samples=num_samples,
+                       best_ratio_to_reference=mean_ratio)
+    over = f"mean of {len(seeds)} sample sets" if len(seeds) > 1 else "1 sample set"
+    targets = [Target(f"Heun ODE: NFE to come within 10% of SDE-250 FD ({over})",
+                      float(best_nfe) if best_nfe is not None else float("nan"), HEUN_TARGET_NFE, "<=",
+                      f"{best_spec.label}; best mean FD / mean reference FD at <= {HEUN_TARGET_NFE} NFE: "
+                      f"{mean_ratio:.3f}")]
     for spec in specs:
         ctx.results.record(KEY, "nfe_within_10pct", reached[spec] if reached[spec] is not None else -1, "NFE",
                            sampler=spec.name, shift=spec.shift)
@@ -274,9 +348,13 @@ def run(ctx: BenchContext) -> Section:
             "measured up to NFE 32 (Euler's shifted curve, in earlier runs of bench/results.jsonl, never beat its "
             "uniform one); uniform grids up to 64. The real-data "
             "floor is the FD of as many real training images against the same test split: what a perfect "
-            "sampler of a perfect model would score (FD has a finite-sample bias)."
+            "sampler of a perfect model would score (FD has a finite-sample bias). The first table is sample "
+            f"set {SAMPLE_SET_SEEDS[0]} (its last column reads that set alone). The second repeats the reference "
+            "and Heun's curves on further sets drawn from other seeds (noise, labels, SDE noise): FD of "
+            f"{num_samples} samples moves by several percent from set to set, and the SDE reference and the ODE "
+            "move differently, so the target is read on the FDs averaged over the sets."
         ),
-        tables=[table],
+        tables=[table, heun_table],
         targets=targets,
         notes=notes + [f"{seconds_per_nfe * 1e3:.0f} ms per function evaluation for {num_samples} samples."],
         seconds=time.perf_counter() - started,

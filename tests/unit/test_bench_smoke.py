@@ -275,3 +275,32 @@ def test_a_failed_background_training_is_reported_with_its_exit_code_and_log(tmp
     with pytest.raises(RuntimeError, match=r"exit 3\): boom: no data \(log: .*\.log\)"):
         bench_sampling.trained_model(ctx, bench_sampling.model_steps(ctx))
     assert not ctx.background
+
+
+def test_the_heun_target_reads_fds_averaged_over_sample_sets():
+    from selfflow.platform.bench_sampling import SamplerSpec, heun_target_table
+
+    uniform, shifted = SamplerSpec("Heun ODE", 1.0), SamplerSpec("Heun ODE", 2.0)
+    budgets = [4, 8, 16, 32]
+    sets = [
+        (4.0, {uniform: dict(zip(budgets, [10.0, 5.0, 4.6, 4.5])), shifted: dict(zip(budgets, [20.0, 8.0, 4.2, 4.3]))}),
+        (3.0, {uniform: dict(zip(budgets, [9.0, 4.0, 3.0, 3.1])), shifted: dict(zip(budgets, [20.0, 6.0, 3.7, 3.1]))}),
+    ]
+    table, nfe, spec, best_ratio = heun_target_table(sets, [uniform, shifted], budgets, (1, 2))
+    # Set 1 alone: 4.6 / 4.0 = 1.15 at 16 -> out. Means: reference 3.5 (10%: 3.85); uniform 3.8 at budget 16
+    # (Heun: 15 NFE) -> in; shifted 3.95 at 16, 3.7 at 32 -> in at 31 NFE. The fewer NFE wins.
+    assert (nfe, spec) == (15, uniform)
+    assert best_ratio == pytest.approx(3.7 / 3.5)
+    mean_rows = [row for row in table.rows if row[0] == "mean of 2"]
+    assert [row[2] for row in mean_rows] == [uniform.label, shifted.label]
+    assert mean_rows[0][3:] == pytest.approx([9.5 / 3.5, 4.5 / 3.5, 3.8 / 3.5, 3.8 / 3.5])
+    assert table.rows[0][3:] == pytest.approx([2.5, 1.25, 1.15, 1.125])
+
+
+def test_the_heun_target_is_unmet_when_no_mean_comes_within_ten_percent():
+    from selfflow.platform.bench_sampling import SamplerSpec, heun_target_table
+
+    uniform = SamplerSpec("Heun ODE", 1.0)
+    sets = [(4.0, {uniform: {16: 4.5, 32: 4.6}}), (4.0, {uniform: {16: 4.5, 32: 4.5}})]
+    _, nfe, spec, best_ratio = heun_target_table(sets, [uniform], [16, 32], (1, 2))
+    assert nfe is None and spec == uniform and best_ratio == pytest.approx(4.5 / 4.0)
