@@ -127,7 +127,7 @@ def trained_model(ctx: BenchContext, steps: int):
             tail = Path(job.log.name).read_text().strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"training the sampling model failed (exit {code}): {tail[0]} (log: {job.log.name})")
         ctx.results.record(KEY, "model_training_seconds", time.perf_counter() - job.started, "s", steps=steps,
-                           where="child process, overlapping the memory item")
+                           where="child process, overlapping the memory and scaling items")
     elif not is_trained(ctx, steps):
         ctx.log(f"[sampling] training digits Self-Flow for {steps} steps -> {run_dir}")
         tick = time.perf_counter()
@@ -309,8 +309,9 @@ def run(ctx: BenchContext) -> Section:
         ode_limit = min(curves[SamplerSpec(name, 1.0)][budgets[-1]] for name in ("Euler ODE", "Heun ODE"))
         ctx.results.record(KEY, "ode_limit_over_reference", ode_limit / reference, "ratio", nfe=budgets[-1],
                            ode_limit_fd=ode_limit, reference_fd=reference, train_steps=steps)
-        notes.append(f"ODE limit (best uniform-grid Euler/Heun FD at NFE {budgets[-1]}): {ode_limit:.3f}, "
-                     f"{ode_limit / reference:.3f}x the SDE reference: what more ODE steps converge to.")
+        notes.append(f"ODE limit (best uniform-grid Euler/Heun FD at NFE {budgets[-1]}, sample set "
+                     f"{SAMPLE_SET_SEEDS[0]}): {ode_limit:.3f}, {ode_limit / reference:.3f}x that set's SDE "
+                     "reference: what more ODE steps converge to.")
     table = Table(header, rows, title=f"Sample set {SAMPLE_SET_SEEDS[0]}: FD (lower is better) of {num_samples} "
                                       f"samples vs the test split; "
                                       f"reference SDE {REFERENCE_STEPS} steps: {reference:.3f}; "
