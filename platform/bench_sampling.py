@@ -36,7 +36,7 @@ WITHIN = 0.10
 HEUN_TARGET_NFE = 32
 SHIFT = 2.0  # the shifted grids' s(a, t) = a t / (1 + (a - 1) t): more steps near noise
 REFERENCE_STEPS = 250
-SAMPLE_SET_SEEDS = (2024, 7024, 12024)  # set 1: every curve; later sets: the reference and Heun (<= 32 NFE).
+SAMPLE_SET_SEEDS = (2024, 7024, 12024)  # set 1: every curve; later sets: the reference, uniform Heun <= 32 NFE
 # Seeds far apart: a set uses seed and seed + 1 (its SDE noise), which must not be another set's.
 
 
@@ -316,7 +316,10 @@ def run(ctx: BenchContext) -> Section:
                                       f"samples vs the test split; "
                                       f"reference SDE {REFERENCE_STEPS} steps: {reference:.3f}; "
                                       f"real-data floor (N real train images): {floor:.3f}")
-    heun = [spec for spec in specs if spec.name == "Heun ODE"]
+    # The target reads Heun on the uniform grid. The shifted grid's best FD at <= 32 NFE was at most 0.1%
+    # below the uniform grid's best, or above it, on every set measured (run d1562de24346 scored three
+    # sets with both); repeating it on every set would cost ~30 s. Table 1 keeps its curve.
+    heun = [SamplerSpec("Heun ODE", 1.0)]
     heun_budgets = [b for b in budgets if b <= HEUN_TARGET_NFE]
     seeds = SAMPLE_SET_SEEDS[:ctx.pick(len(SAMPLE_SET_SEEDS), 1)]
     sets = [(reference, {spec: {b: curves[spec][b] for b in heun_budgets} for spec in heun})]
@@ -328,7 +331,7 @@ def run(ctx: BenchContext) -> Section:
                        sampler=best_spec.name, shift=best_spec.shift, seeds=list(seeds), num_samples=num_samples,
                        best_ratio_to_reference=mean_ratio)
     over = f"mean of {len(seeds)} sample sets" if len(seeds) > 1 else "1 sample set"
-    targets = [Target(f"Heun ODE: NFE to come within 10% of SDE-250 FD ({over})",
+    targets = [Target(f"Heun ODE (uniform grid): NFE to come within 10% of SDE-250 FD ({over})",
                       float(best_nfe) if best_nfe is not None else float("nan"), HEUN_TARGET_NFE, "<=",
                       f"{best_spec.label}; best mean FD / mean reference FD at <= {HEUN_TARGET_NFE} NFE: "
                       f"{mean_ratio:.3f}")]
@@ -351,7 +354,7 @@ def run(ctx: BenchContext) -> Section:
             "floor is the FD of as many real training images against the same test split: what a perfect "
             "sampler of a perfect model would score (FD has a finite-sample bias). The first table is sample "
             f"set {SAMPLE_SET_SEEDS[0]} (its last column reads that set alone). The second repeats the reference "
-            "and Heun's curves on further sets drawn from other seeds (noise, labels, SDE noise): FD of "
+            "and uniform-grid Heun on further sets drawn from other seeds (noise, labels, SDE noise): FD of "
             f"{num_samples} samples moves by several percent from set to set, and the SDE reference and the ODE "
             "move differently, so the target is read on the FDs averaged over the sets."
         ),
