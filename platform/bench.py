@@ -35,7 +35,8 @@ from selfflow.platform.bench_core import (  # noqa: E402
     machine_info,
     new_run_info,
 )
-from selfflow.platform.bench_report import render_report, render_section, write_report  # noqa: E402
+from selfflow.components.files import write_text_atomic  # noqa: E402
+from selfflow.platform.bench_report import render_report, render_section  # noqa: E402
 
 ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
 # Memory and scaling run before sampling so that the sampling model, when it is not cached, trains
@@ -43,6 +44,7 @@ ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scal
 # change, and scaling runs at 1 thread on the other core, as a sweep's trials do here (together they
 # save ~3 min of a cold run). The report keeps the ITEMS order.
 RUN_ORDER = ("objective", "overhead", "data", "compute", "memory", "scaling", "sampling")
+OVERLAP_MODEL_TRAINING = ("memory", "scaling")
 
 
 def run_item(name: str, ctx: BenchContext) -> Section:
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: dict[str, Section] = {}
     try:
         for name in sorted(items, key=RUN_ORDER.index):
-            if name in ("memory", "scaling") and "sampling" in items and not ctx.background:
+            if name in OVERLAP_MODEL_TRAINING and "sampling" in items and not ctx.background:
                 from selfflow.platform.bench_sampling import start_background_training
                 start_background_training(ctx)
             ctx.log(f"== {name} ==")
@@ -102,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = time.perf_counter() - started
     results.record("run", "total_seconds", total, "s", items=items)
     if args.out:
-        path = write_report(render_report([sections[name] for name in items], machine, run_info, total), args.out)
+        # Atomic: an interrupted bench never leaves half a report.
+        path = write_text_atomic(args.out, render_report([sections[name] for name in items], machine, run_info, total))
         ctx.log(f"report written to {path} ({total / 60:.1f} min)")
     return 0
 

@@ -5,11 +5,8 @@ The file is generated, never edited by hand: `make bench` rewrites it.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from selfflow.components.files import write_text_atomic
 from selfflow.platform.bench_core import Section, Table, Target
 
 
@@ -101,7 +98,3 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
         lines.append(render_section(number, section))
     return "\n".join(lines).rstrip() + "\n"
 
-
-def write_report(text: str, path: str | os.PathLike) -> Path:
-    """Atomic write (temp file + rename): a crash never leaves half a report."""
-    return write_text_atomic(path, text)

@@ -203,17 +203,24 @@ class Scorer:
         return self.context.reference(features)
 
 
+def reference_fd(scorer: Scorer) -> float:
+    """FD of the paper's sampler (the reference every target compares with) on the scorer's set."""
+    sampler, grid, _ = grid_for(SamplerSpec("SDE Euler-Maruyama", 1.0), REFERENCE_STEPS)
+    return scorer.fd(sampler, grid)
+
+
 def heun_sample_set(ctx: BenchContext, scorer: Scorer, heun: list[SamplerSpec], budgets: list[int], steps: int):
     """(reference FD, {Heun spec: {budget: FD}}) of one more sample set."""
-    reference_sampler, reference_grid, _ = grid_for(SamplerSpec("SDE Euler-Maruyama", 1.0), REFERENCE_STEPS)
-    reference = scorer.fd(reference_sampler, reference_grid)
+    reference = reference_fd(scorer)
     curves = {}
     for spec in heun:
-        curves[spec] = {budget: scorer.fd(*grid_for(spec, budget)[:2]) for budget in budgets}
-        for budget, value in curves[spec].items():
-            ctx.results.record(KEY, "fd", value, "FD", sampler=spec.name, shift=spec.shift, budget=budget,
-                               nfe=grid_for(spec, budget)[2], seed=scorer.seed, train_steps=steps,
-                               num_samples=scorer.noise.shape[0], relative_to_reference=value / reference)
+        curves[spec] = {}
+        for budget in budgets:
+            sampler, grid, nfe = grid_for(spec, budget)
+            value = curves[spec][budget] = scorer.fd(sampler, grid)
+            ctx.results.record(KEY, "fd", value, "FD", sampler=spec.name, shift=spec.shift, budget=budget, nfe=nfe,
+                               seed=scorer.seed, train_steps=steps, num_samples=scorer.noise.shape[0],
+                               relative_to_reference=value / reference)
     ctx.results.record(KEY, "reference_fd", reference, "FD", sampler="SDE Euler-Maruyama", nfe=REFERENCE_STEPS,
                        seed=scorer.seed, num_samples=scorer.noise.shape[0], train_steps=steps)
     ctx.log(f"[sampling] sample set {scorer.seed}: reference {reference:.3f}; " + "; ".join(
@@ -261,8 +268,7 @@ def run(ctx: BenchContext) -> Section:
     scorer = Scorer(experiment, model, context, num_samples)
 
     tick = time.perf_counter()
-    reference_sampler, reference_grid, _ = grid_for(SamplerSpec("SDE Euler-Maruyama", 1.0), REFERENCE_STEPS)
-    reference = scorer.fd(reference_sampler, reference_grid)
+    reference = reference_fd(scorer)
     seconds_per_nfe = (time.perf_counter() - tick) / REFERENCE_STEPS
     ctx.log(f"[sampling] reference SDE {REFERENCE_STEPS} steps: FD {reference:.3f} "
             f"({seconds_per_nfe * 1e3:.0f} ms per NFE for {num_samples} samples)")
