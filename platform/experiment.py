@@ -18,6 +18,9 @@ from torch import nn
 from selfflow.platform.errors import ConfigError, UserError
 
 
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and loop settings."""
@@ -26,6 +29,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 0
+    lr_decay: str = "constant"  # after warmup: 'constant', 'cosine' or 'linear' down to lr * final_lr_fraction
+    final_lr_fraction: float = 0.0
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -52,6 +57,10 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"TrainConfig.lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ConfigError(f"TrainConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.keep_best_mode not in ("min", "max"):

@@ -76,9 +76,19 @@ class MetricMemory:
         return getattr(self.inner, name)
 
 
-def warmup_lambda(warmup_steps: int):
+def lr_factor(warmup_steps: int, total_steps: int, decay: str = "constant", final_fraction: float = 0.0):
+    """Multiplier of the base learning rate at each optimizer step (0-based): linear warmup over
+    `warmup_steps`, then constant, or a cosine / linear decay reaching `final_fraction` at the last step."""
+
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        span = max(1, total_steps - 1 - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+        return final_fraction + (1.0 - final_fraction) * shape
 
     return factor
 
@@ -116,7 +126,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=self.config.lr, betas=tuple(self.config.betas), weight_decay=self.config.weight_decay
         )
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.config.warmup_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_factor(self.config.warmup_steps, self.config.steps, self.config.lr_decay, self.config.final_lr_fraction),
+        )
         self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + rank)
         self.step = 0
         self.skipped = 0

@@ -30,7 +30,7 @@ def train_longer(args: argparse.Namespace) -> None:
     files, params, _ = bench_sampling.model_run(bench, 1500)
     params = [p for p in params if not p.startswith(("TrainConfig.steps", "TrainConfig.checkpoint_every"))]
     params += [f"TrainConfig.steps = {args.steps}", f"TrainConfig.checkpoint_every = {args.every}",
-               f"TrainConfig.keep_checkpoints = {args.steps // args.every + 1}"]
+               f"TrainConfig.keep_checkpoints = {args.steps // args.every + 1}"] + list(args.bind)
     train(files, params, run_dir=args.out, tracking=False, progress=False)
 
 
@@ -68,6 +68,8 @@ def main() -> None:
     trainer.add_argument("--steps", type=int, default=4500)
     trainer.add_argument("--every", type=int, default=750)
     trainer.add_argument("--out", required=True)
+    trainer.add_argument("--bind", action="append", default=[],
+                         help="an extra gin binding, e.g. \"TrainConfig.lr_decay = 'cosine'\" (repeatable)")
     scorer = commands.add_parser("eval")
     scorer.add_argument("--run", required=True)
     scorer.add_argument("--seeds", default="2024,7024,12024")
