@@ -95,14 +95,15 @@ def _print_result(result) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from selfflow.platform.data.shards import build_digits_shards
+    from selfflow.platform.data.shards import build_digits_shards, build_moving_digits_shards
 
     if args.dataset == "images":
         return _cmd_data_images(args)
-    if args.dataset != "digits":
-        raise UserError(f"unknown dataset {args.dataset!r}; available: digits, images")
+    builders = {"digits": build_digits_shards, "moving_digits": build_moving_digits_shards}
+    if args.dataset not in builders:
+        raise UserError(f"unknown dataset {args.dataset!r}; available: {', '.join(builders)}, images")
     out = Path(args.out or f"data/{args.dataset}")
-    written = build_digits_shards(out, seed=args.seed)
+    written = builders[args.dataset](out, seed=args.seed)
     for split, summary in written.items():
         print(f"{split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
     return 0
@@ -289,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="build webdataset shards")
-    p.add_argument("dataset", choices=["digits", "images"],
-                   help="digits, or images: pre-encode an image folder (ROOT/<class>/<image>) into latent shards")
+    p.add_argument("dataset", choices=["digits", "moving_digits", "images"],
+                   help="digits, moving_digits (video clips of the same glyphs), or images: pre-encode an image "
+                        "folder (ROOT/<class>/<image>) into latent shards")
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--folder", default=None, help="images: the class-folder tree to encode")
     p.add_argument("--tokenizer-gin", "--tokenizer_gin", dest="tokenizer_gin", default=None,
@@ -304,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
                    help="images: tokenizer binding, e.g. \"SDVAETokenizer.device = 'cuda'\"")
     p.add_argument("--quiet", action="store_true", help="images: no progress line")
-    p.add_argument("--seed", type=int, default=0, help="seed of the digits train/test split (images: of the write order)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits train/test split and of the clips' motion (images: of the write order)")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("autoencoder", help="train a conv autoencoder tokenizer (tokenizers/conv_ae_*_train.gin)")

@@ -47,7 +47,8 @@ class ShardData:
         try:
             index = read_index(self.root, split)
         except DataError as error:
-            hint = "selfflow data digits" if self.dataset == "digits" else "selfflow data images --folder ... --out ..."
+            built_here = {"digits": "selfflow data digits", "moving_digits": "selfflow data moving_digits"}
+            hint = built_here.get(self.dataset, "selfflow data images --folder ... --out ...")
             raise UserError(f"{error} (build it with `{hint}`)") from None
         if self.data_shape and tuple(index.shape) != self.data_shape:
             raise UserError(

@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from selfflow.components.files import write_text_atomic
-from selfflow.components.metrics.evaluator import DigitClassifierCNN, accuracy, batched_outputs, fit_classifier
+from selfflow.components.metrics.evaluator import (
+    ClipClassifierCNN,
+    DigitClassifierCNN,
+    accuracy,
+    batched_outputs,
+    fit_classifier,
+)
 from selfflow.components.metrics.plots import plot_loss_by_t, plot_probe_heatmap
 from selfflow.components.metrics.probes import ProbeResults, probe_backbone
 from selfflow.components.metrics.sample_quality import class_accuracy, knn_precision_recall
@@ -64,7 +70,8 @@ class LoadedEvaluator:
 
 
 class ClassifierEvaluator:
-    """Recipe of a dataset's evaluator: a small CNN classifier (DigitClassifierCNN), trained here.
+    """Recipe of a dataset's evaluator: a small CNN classifier trained here (DigitClassifierCNN for
+    images (C, H, W), ClipClassifierCNN for clips (C, F, H, W)).
 
     The trained network is cached in `<cache_dir>/<key>.pt`, key = content hash of this
     recipe, the network's shape and the data (index files and array bytes): the same
@@ -94,10 +101,15 @@ class ClassifierEvaluator:
                 "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "weight_decay": self.weight_decay, "max_shift": self.max_shift, "seed": self.seed}
 
-    def build(self, data: "EvalData") -> DigitClassifierCNN:
+    def build(self, data: "EvalData") -> DigitClassifierCNN | ClipClassifierCNN:
         shape = tuple(data.test_images.shape[1:])
-        if len(shape) != 3 or shape[1] != shape[2]:
-            raise ConfigError(f"ClassifierEvaluator needs square images (C, H, W), the data holds {shape}")
+        if len(shape) not in (3, 4) or shape[-1] != shape[-2]:
+            raise ConfigError(f"ClassifierEvaluator needs square images (C, H, W) or clips (C, F, H, W), "
+                              f"the data holds {shape}")
+        if len(shape) == 4:
+            return ClipClassifierCNN(num_classes=data.num_classes, in_channels=shape[0], frames=shape[1],
+                                     image_size=shape[2], channels=self.channels, data_range=data.data_range,
+                                     seed=self.seed)
         return DigitClassifierCNN(num_classes=data.num_classes, in_channels=shape[0], image_size=shape[1],
                                   channels=self.channels, data_range=data.data_range, seed=self.seed)
 

@@ -58,6 +58,14 @@ def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
+def film_strips(clips: torch.Tensor, gap_value: float = 0.5) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B, C, H, F * (W + 1) - 1): frames side by side, a 1-pixel gap between."""
+    batch, channels, frames, height, width = clips.shape
+    gap = clips.new_full((batch, channels, frames, height, 1), gap_value)
+    strips = torch.cat([clips, gap], dim=-1).permute(0, 1, 3, 2, 4).reshape(batch, channels, height, -1)
+    return strips[..., :-1]
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, value_range=(0.0, 1.0)) -> Path:
     """Write a PNG grid atomically (temp file + rename): never a half-written image."""
     from torchvision.utils import save_image
@@ -68,9 +76,11 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, va
     scaled = ((images.float() - low) / (high - low)).clamp(0, 1)
     if scaled.dim() == 3:  # (B, H, W) -> (B, 1, H, W)
         scaled = scaled[:, None]
-    # Upscale tiny images (8x8 digits) so the grid is readable.
-    if scaled.shape[-1] < 32:
-        factor = max(1, 32 // scaled.shape[-1])
+    if scaled.dim() == 5:  # clips (B, C, F, H, W): each becomes a film strip, frames left to right
+        scaled = film_strips(scaled)
+    # Upscale tiny images (8x8 digits, 16-pixel film strips) so the grid is readable.
+    if min(scaled.shape[-2:]) < 32:
+        factor = max(1, 32 // min(scaled.shape[-2:]))
         scaled = torch.nn.functional.interpolate(scaled, scale_factor=factor, mode="nearest")
     with atomic_path(path, suffix=".png") as temp:
         save_image(scaled, temp, nrow=nrow, padding=2, pad_value=0.5)

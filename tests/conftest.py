@@ -23,6 +23,15 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def moving_digits_root(tmp_path_factory) -> Path:
+    from selfflow.platform.data.shards import build_moving_digits_shards
+
+    root = tmp_path_factory.mktemp("data") / "moving_digits"
+    build_moving_digits_shards(root, seed=0)
+    return root
+
+
 @pytest.fixture()
 def in_tmp(tmp_path, monkeypatch, digits_root):
     """Run in a temp folder that has data/digits (a link to the session shards)."""

@@ -1,4 +1,4 @@
-"""The evaluator network of small image datasets: a CNN classifier, and its pure-torch fit.
+"""The evaluator networks of small image and video datasets: CNN classifiers, and their pure-torch fit.
 
 Generated samples are scored on this network's features (Fréchet distance,
 precision/recall) and its predictions (does a sample of class c look like c?).
@@ -87,6 +87,61 @@ class DigitClassifierCNN(nn.Module):
         return self.head(self.features(images))
 
 
+class ClipClassifierCNN(nn.Module):
+    """Classifier for short clips (B, C, F, H, W) with values in `data_range`: the evaluator of video.
+
+    Every frame goes through the same two 2-D conv stages as DigitClassifierCNN (max-pooled over
+    space to a vector), then a temporal conv (kernel 3) mixes neighbouring frames and the result is
+    averaged over time: the pooled vector is the feature space (an FVD-style feature for clips).
+    Trained on the clip's class only, so its features weigh appearance more than motion.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        frames: int = 8,
+        image_size: int = 16,
+        channels: Sequence[int] = (32, 64),
+        data_range: Sequence[float] = (0.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.frame_net = DigitClassifierCNN(num_classes, in_channels, image_size, channels, data_range, seed)
+            width = self.frame_net.num_features
+            self.temporal = nn.Sequential(nn.Conv1d(width, width, 3, padding=1), nn.ReLU())
+        self.head = self.frame_net.head  # logits come from the clip feature; the per-frame head is reused
+        self.num_classes, self.in_channels, self.frames, self.image_size = num_classes, in_channels, frames, image_size
+        self.channels, self.data_range, self.seed = self.frame_net.channels, self.frame_net.data_range, seed
+        self.num_features = width
+
+    def config(self) -> dict:
+        return {"num_classes": self.num_classes, "in_channels": self.in_channels, "frames": self.frames,
+                "image_size": self.image_size, "channels": list(self.channels), "data_range": list(self.data_range),
+                "seed": self.seed}
+
+    def features(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, H, W) -> (B, num_features)."""
+        expected = (self.in_channels, self.frames, self.image_size, self.image_size)
+        if clips.dim() != 5 or tuple(clips.shape[1:]) != expected:
+            raise ValueError(f"evaluator takes clips (B, {', '.join(map(str, expected))}), got {tuple(clips.shape)}")
+        batch, channels, frames, height, width = clips.shape
+        per_frame = clips.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        low, high = self.data_range
+        x = (per_frame.float() - (low + high) / 2) / ((high - low) / 2)
+        x = self.frame_net.stage2(F.max_pool2d(self.frame_net.stage1(x), 2))
+        # Max, not mean, over space: the glyph covers a quarter of the canvas, the rest is background.
+        vectors = x.amax(dim=(2, 3)).reshape(batch, frames, -1).transpose(1, 2)  # (B, D, F)
+        return self.temporal(vectors).mean(dim=2)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(clips))
+
+
 @torch.no_grad()
 def batched_outputs(model: nn.Module, images: torch.Tensor,
                     batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,9 +163,12 @@ def batched_outputs(model: nn.Module, images: torch.Tensor,
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator, fill: float = 0.0) -> torch.Tensor:
-    """Translate each image by its own integer offset in [-max_shift, max_shift]^2, filling with `fill`."""
+    """Translate each image (B, C, H, W) by its own integer offset in [-max_shift, max_shift]^2, filling
+    with `fill`; a clip (B, C, F, H, W) moves every frame by the clip's one offset."""
     if max_shift <= 0:
         return images
+    if images.dim() == 5:
+        return random_shift(images.flatten(1, 2), max_shift, generator, fill).reshape(images.shape)
     batch, _, height, width = images.shape
     padded = F.pad(images, (max_shift,) * 4, value=fill)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator)
@@ -127,7 +185,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def fit_classifier(
-    model: DigitClassifierCNN,
+    model: DigitClassifierCNN | ClipClassifierCNN,
     images: torch.Tensor,
     labels: torch.Tensor,
     *,

@@ -297,3 +297,52 @@ def build_digits_shards(
         )
         written[split] = summarize_shards(index_path)
     return written
+
+
+def build_moving_digits_shards(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    clips_per_glyph: int = 2,
+    frames: int = 8,
+    canvas: int = 16,
+    train_shards: int = 8,
+    test_shards: int = 2,
+) -> dict[str, ShardSetSummary]:
+    """Write moving-digits clips (components/datasets/moving_digits.py) as train and test shard sets.
+
+    Each sample's json holds the glyph's `load_digits()` index and its motion (start, velocity).
+    """
+    from selfflow.components.datasets.moving_digits import NUM_CLASSES, moving_digits_split, split_glyph_indices
+
+    written = {}
+    glyph_indices = split_glyph_indices(seed, test_fraction)
+    for split, num_shards in (("train", train_shards), ("test", test_shards)):
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"{split}_shards must be a positive int, got {num_shards!r}")
+        clips, labels, motion = moving_digits_split(split, seed, test_fraction, clips_per_glyph, frames, canvas)
+        sources = np.repeat(glyph_indices[split], clips_per_glyph)
+        samples = (
+            {
+                "__key__": f"{int(source):06d}-{n % clips_per_glyph}",
+                ARRAY_KEY: clip,
+                LABEL_KEY: int(label),
+                "json": {"source_index": int(source), "start": [int(v) for v in move[:2]],
+                         "velocity": [int(v) for v in move[2:]]},
+            }
+            for n, (clip, label, source, move) in enumerate(zip(clips, labels, sources, motion))
+        )
+        metadata = {
+            "dataset": "moving digits (sklearn.datasets.load_digits glyphs on bouncing integer-velocity paths)",
+            "seed": seed,
+            "test_fraction": test_fraction,
+            "clips_per_glyph": clips_per_glyph,
+            "frames": frames,
+            "canvas": canvas,
+            "pixel_scale": "raw 0..16 divided by 16",
+        }
+        index_path = write_shards(
+            samples, out_dir, split, math.ceil(len(labels) / num_shards), metadata, num_classes=NUM_CLASSES
+        )
+        written[split] = summarize_shards(index_path)
+    return written

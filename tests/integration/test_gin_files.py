@@ -19,6 +19,7 @@ from selfflow.platform.experiment import build_from_gin
 
 SKIP_FOLDERS = {"sweeps"}  # sweep specs are not experiments: tested with the sweep runner
 MAX_TRAINABLE_PARAMS = 30_000_000
+LOCAL_DATASETS = ("digits", "moving_digits")  # built by the test session's fixtures
 ONE_STEP = [
     "TrainConfig.steps = 1",
     "TrainConfig.batch_size = 8",
@@ -48,7 +49,8 @@ def is_experiment(path: Path) -> bool:
 def files_for(path: Path) -> list[str]:
     if is_experiment(path):
         return [str(path)]
-    context = ["digits/fm.gin"]
+    video_piece = "video" in path.stem or "moving_digits" in path.stem  # clip-shaped: built in the video context
+    context = ["video/fm.gin" if video_piece else "digits/fm.gin"]
     if "REPAObjective" in path.read_text():  # a REPA piece needs the rest of REPA around it
         context += ["objectives/repa.gin", "encoders/repa_digits_small.gin"]
     return context + [str(path)]
@@ -56,7 +58,7 @@ def files_for(path: Path) -> list[str]:
 
 def test_there_are_shipped_gin_files():
     names = {p.relative_to(EXPERIMENTS_DIR).as_posix() for p in shipped_gin_files()}
-    assert {"demo.gin", "digits/fm.gin", "backbones/dit_XL.gin"} <= names
+    assert {"demo.gin", "digits/fm.gin", "backbones/dit_XL.gin", "video/selfflow.gin"} <= names
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +88,8 @@ def quick_autoencoders(tmp_path_factory, digits_root) -> Path:
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter.*:UserWarning")
 @pytest.mark.parametrize("path", shipped_gin_files(), ids=lambda p: p.relative_to(EXPERIMENTS_DIR).as_posix())
-def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencoders):
+def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencoders, moving_digits_root):
+    (in_tmp / "data" / "moving_digits").symlink_to(moving_digits_root)
     (in_tmp / "runs").mkdir(exist_ok=True)
     (in_tmp / "runs" / "encoders").symlink_to(quick_encoders)
     (in_tmp / "runs" / "autoencoders").symlink_to(quick_autoencoders)
@@ -109,7 +112,7 @@ def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencod
     with torch.device("meta"):
         meta = build_from_gin()
     size = sum(p.numel() for p in meta.model.parameters())
-    if size > MAX_TRAINABLE_PARAMS or getattr(meta.data, "dataset", "") != "digits":
+    if size > MAX_TRAINABLE_PARAMS or getattr(meta.data, "dataset", "") not in LOCAL_DATASETS:
         return  # built (on meta) with every binding checked; too large or no local data for a step
     from selfflow.platform.run import train
 
