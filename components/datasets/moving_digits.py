@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from selfflow.components.datasets.digits import IMAGE_SHAPE, NUM_CLASSES, SPLITS, digits_split_indices, load_digits_split
+from selfflow.components.datasets.digits import IMAGE_SHAPE, NUM_CLASSES, SPLITS, load_digits_split
 
 __all__ = ["NUM_CLASSES", "clip_shape", "bounce", "render_clip", "moving_digits_split"]
 
@@ -81,8 +81,3 @@ def moving_digits_split(
         glyph = glyphs[n // clips_per_glyph, 0]
         clips[n, 0] = render_clip(glyph, bounce(starts[n], moves[n], frames, span), canvas)
     return clips, np.repeat(labels, clips_per_glyph), np.concatenate([starts, moves], axis=1).astype(np.int64)
-
-
-def split_glyph_indices(seed: int = 0, test_fraction: float = 0.2) -> dict[str, np.ndarray]:
-    """Which `load_digits()` glyphs each split uses (the digits split's indices)."""
-    return digits_split_indices(seed, test_fraction)

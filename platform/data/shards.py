@@ -313,10 +313,11 @@ def build_moving_digits_shards(
 
     Each sample's json holds the glyph's `load_digits()` index and its motion (start, velocity).
     """
-    from selfflow.components.datasets.moving_digits import NUM_CLASSES, moving_digits_split, split_glyph_indices
+    from selfflow.components.datasets.digits import digits_split_indices
+    from selfflow.components.datasets.moving_digits import NUM_CLASSES, moving_digits_split
 
     written = {}
-    glyph_indices = split_glyph_indices(seed, test_fraction)
+    glyph_indices = digits_split_indices(seed, test_fraction)  # the glyphs each split's clips use
     for split, num_shards in (("train", train_shards), ("test", test_shards)):
         if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"{split}_shards must be a positive int, got {num_shards!r}")
