@@ -252,6 +252,22 @@ def summarize_shards(index_path: str | os.PathLike) -> ShardSetSummary:
     )
 
 
+def _write_splits(out_dir, shard_counts: Mapping[str, int], make_split, metadata: Mapping[str, Any],
+                  num_classes: int) -> dict[str, ShardSetSummary]:
+    """Write each split's samples (`make_split(split)` -> (samples, count)) as a shard set. The
+    requested shard counts are targets: samples_per_shard = ceil(count / shards)."""
+    for split, num_shards in shard_counts.items():  # all checked before anything is written
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"{split}_shards must be a positive int, got {num_shards!r}")
+    written = {}
+    for split, num_shards in shard_counts.items():
+        samples, count = make_split(split)
+        index_path = write_shards(samples, out_dir, split, math.ceil(count / num_shards), dict(metadata),
+                                  num_classes=num_classes)
+        written[split] = summarize_shards(index_path)
+    return written
+
+
 def build_digits_shards(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -259,10 +275,7 @@ def build_digits_shards(
     train_shards: int = 8,
     test_shards: int = 2,
 ) -> dict[str, ShardSetSummary]:
-    """Write the digits train and test splits (seeded, stratified) as shard sets.
-
-    The requested shard counts are targets: samples_per_shard = ceil(n / shards).
-    """
+    """Write the digits train and test splits (seeded, stratified) as shard sets."""
     # Imported here so that `selfflow.platform.data.shards` stays usable without scikit-learn.
     from selfflow.components.datasets.digits import (
         NUM_CLASSES,
@@ -270,33 +283,20 @@ def build_digits_shards(
         load_digits_split,
     )
 
-    written = {}
     indices = digits_split_indices(seed, test_fraction)
-    for split, num_shards in (("train", train_shards), ("test", test_shards)):
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"{split}_shards must be a positive int, got {num_shards!r}")
+
+    def make_split(split: str):
         images, labels = load_digits_split(split, seed, test_fraction)
-        source_indices = indices[split]
         samples = (
-            {
-                "__key__": f"{int(source):06d}",
-                ARRAY_KEY: image,
-                LABEL_KEY: int(label),
-                "json": {"source_index": int(source)},
-            }
-            for image, label, source in zip(images, labels, source_indices)
+            {"__key__": f"{int(source):06d}", ARRAY_KEY: image, LABEL_KEY: int(label),
+             "json": {"source_index": int(source)}}
+            for image, label, source in zip(images, labels, indices[split])
         )
-        metadata = {
-            "dataset": "sklearn.datasets.load_digits",
-            "seed": seed,
-            "test_fraction": test_fraction,
-            "pixel_scale": "raw 0..16 divided by 16",
-        }
-        index_path = write_shards(
-            samples, out_dir, split, math.ceil(len(labels) / num_shards), metadata, num_classes=NUM_CLASSES
-        )
-        written[split] = summarize_shards(index_path)
-    return written
+        return samples, len(labels)
+
+    metadata = {"dataset": "sklearn.datasets.load_digits", "seed": seed, "test_fraction": test_fraction,
+                "pixel_scale": "raw 0..16 divided by 16"}
+    return _write_splits(out_dir, {"train": train_shards, "test": test_shards}, make_split, metadata, NUM_CLASSES)
 
 
 def build_moving_digits_shards(
@@ -316,34 +316,20 @@ def build_moving_digits_shards(
     from selfflow.components.datasets.digits import digits_split_indices
     from selfflow.components.datasets.moving_digits import NUM_CLASSES, moving_digits_split
 
-    written = {}
     glyph_indices = digits_split_indices(seed, test_fraction)  # the glyphs each split's clips use
-    for split, num_shards in (("train", train_shards), ("test", test_shards)):
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"{split}_shards must be a positive int, got {num_shards!r}")
+
+    def make_split(split: str):
         clips, labels, motion = moving_digits_split(split, seed, test_fraction, clips_per_glyph, frames, canvas)
         sources = np.repeat(glyph_indices[split], clips_per_glyph)
         samples = (
-            {
-                "__key__": f"{int(source):06d}-{n % clips_per_glyph}",
-                ARRAY_KEY: clip,
-                LABEL_KEY: int(label),
-                "json": {"source_index": int(source), "start": [int(v) for v in move[:2]],
-                         "velocity": [int(v) for v in move[2:]]},
-            }
+            {"__key__": f"{int(source):06d}-{n % clips_per_glyph}", ARRAY_KEY: clip, LABEL_KEY: int(label),
+             "json": {"source_index": int(source), "start": [int(v) for v in move[:2]],
+                      "velocity": [int(v) for v in move[2:]]}}
             for n, (clip, label, source, move) in enumerate(zip(clips, labels, sources, motion))
         )
-        metadata = {
-            "dataset": "moving digits (sklearn.datasets.load_digits glyphs on bouncing integer-velocity paths)",
-            "seed": seed,
-            "test_fraction": test_fraction,
-            "clips_per_glyph": clips_per_glyph,
-            "frames": frames,
-            "canvas": canvas,
-            "pixel_scale": "raw 0..16 divided by 16",
-        }
-        index_path = write_shards(
-            samples, out_dir, split, math.ceil(len(labels) / num_shards), metadata, num_classes=NUM_CLASSES
-        )
-        written[split] = summarize_shards(index_path)
-    return written
+        return samples, len(labels)
+
+    metadata = {"dataset": "moving digits (sklearn.datasets.load_digits glyphs on bouncing integer-velocity paths)",
+                "seed": seed, "test_fraction": test_fraction, "clips_per_glyph": clips_per_glyph, "frames": frames,
+                "canvas": canvas, "pixel_scale": "raw 0..16 divided by 16"}
+    return _write_splits(out_dir, {"train": train_shards, "test": test_shards}, make_split, metadata, NUM_CLASSES)
