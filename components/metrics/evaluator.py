@@ -75,12 +75,15 @@ class DigitClassifierCNN(nn.Module):
             raise ValueError(f"evaluator takes images (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
         return images.float()
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_features) pooled features."""
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_features, H / 2, W / 2): the last stage's maps, before pooling."""
         low, high = self.data_range
         x = (self._check(images) - (low + high) / 2) / ((high - low) / 2)  # -> [-1, 1]
-        x = F.max_pool2d(self.stage1(x), 2)
-        return self.stage2(x).mean(dim=(2, 3))
+        return self.stage2(F.max_pool2d(self.stage1(x), 2))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_features) pooled features."""
+        return self.feature_maps(images).mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
@@ -131,11 +134,9 @@ class ClipClassifierCNN(nn.Module):
             raise ValueError(f"evaluator takes clips (B, {', '.join(map(str, expected))}), got {tuple(clips.shape)}")
         batch, channels, frames, height, width = clips.shape
         per_frame = clips.transpose(1, 2).reshape(batch * frames, channels, height, width)
-        low, high = self.data_range
-        x = (per_frame.float() - (low + high) / 2) / ((high - low) / 2)
-        x = self.frame_net.stage2(F.max_pool2d(self.frame_net.stage1(x), 2))
         # Max, not mean, over space: the glyph covers a quarter of the canvas, the rest is background.
-        vectors = x.amax(dim=(2, 3)).reshape(batch, frames, -1).transpose(1, 2)  # (B, D, F)
+        maps = self.frame_net.feature_maps(per_frame)
+        vectors = maps.amax(dim=(2, 3)).reshape(batch, frames, -1).transpose(1, 2)  # (B, D, F)
         return self.temporal(vectors).mean(dim=2)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:

@@ -262,7 +262,7 @@ def _write_splits(out_dir, shard_counts: Mapping[str, int], make_split, metadata
     written = {}
     for split, num_shards in shard_counts.items():
         samples, count = make_split(split)
-        index_path = write_shards(samples, out_dir, split, math.ceil(count / num_shards), dict(metadata),
+        index_path = write_shards(samples, out_dir, split, math.ceil(count / num_shards), metadata,
                                   num_classes=num_classes)
         written[split] = summarize_shards(index_path)
     return written
