@@ -8,7 +8,7 @@ STAMP := $(VENV)/.selfflow-installed
 RUNS ?= runs
 export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath $(RUNS))/mlflow.db
 
-.PHONY: install demo test test-fast bench bench-quick ui clean help
+.PHONY: install system-deps demo test test-fast bench bench-quick ui clean help
 
 help:
 	@echo "make demo   - install, build digits shards, train Self-Flow-ready DiT on digits, log to MLflow"
@@ -16,7 +16,18 @@ help:
 	@echo "make bench  - install, run the benchmarks and regenerate BENCHMARKS.md"
 	@echo "make ui     - serve the MLflow UI for $(RUNS)/ on http://127.0.0.1:5000"
 
-install: $(STAMP)
+install: system-deps $(STAMP)
+
+# Debian's espeak-ng speaks the spoken-digits audio dataset; apt needs root (or sudo). A warm
+# machine pays one `command -v`; a fresh one installs it (about 10 s), refreshing apt's lists only
+# when the first try fails.
+system-deps:
+	@command -v espeak-ng >/dev/null || { \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  echo "installing espeak-ng (apt)"; \
+	  $$sudo apt-get install -y --no-install-recommends espeak-ng >/dev/null 2>&1 \
+	  || { $$sudo apt-get update -qq && $$sudo apt-get install -y --no-install-recommends espeak-ng >/dev/null; } \
+	  || { echo "cannot install espeak-ng: install Debian's espeak-ng package by hand" >&2; exit 1; }; }
 
 # Re-runs only when the dependency files change: a warm `make` costs a stat.
 $(STAMP): pyproject.toml setup.py constraints.txt

@@ -7,7 +7,7 @@ import gin
 import torch
 
 from selfflow.components.files import write_text_atomic
-from selfflow.platform.sampling import class_grid_labels, generate, save_image_grid
+from selfflow.platform.sampling import class_grid_labels, generate, save_sample_grid
 
 
 class CheckpointEvery:
@@ -50,15 +50,18 @@ class SampleGrid:
         last = trainer.step == trainer.config.steps
         if trainer.rank != 0 or not (last or (self.every and trainer.step % self.every == 0)):
             return
-        path = write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step)
-        trainer.tracker.log_artifact(path, "samples")
+        for path in write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step):
+            trainer.tracker.log_artifact(path, "samples")
 
 
-def write_sample_grid(experiment, model, folder: Path, step: int) -> Path:
+def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:
+    """The grid PNG (and, for audio, its wav) of the EMA model's samples at `step`."""
     config = experiment.sampling
     num_classes = experiment.num_classes
     labels = class_grid_labels(num_classes, config.per_class) if num_classes else None
     generator = torch.Generator().manual_seed(config.seed)
     images = generate(model, experiment.tokenizer, config, labels, num_samples=config.per_class * 4, generator=generator)
     value_range = getattr(experiment.tokenizer, "data_range", (0.0, 1.0))
-    return save_image_grid(images, Path(folder) / f"step-{step:08d}.png", nrow=config.per_class, value_range=value_range)
+    sample_rate = int(getattr(experiment.data, "sample_rate", 0) or 0)
+    return save_sample_grid(images, Path(folder) / f"step-{step:08d}.png", nrow=config.per_class,
+                            value_range=value_range, sample_rate=sample_rate)

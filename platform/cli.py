@@ -95,15 +95,28 @@ def _print_result(result) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from selfflow.platform.data.shards import build_digits_shards, build_moving_digits_shards
+    from selfflow.platform.data.shards import (
+        build_digits_shards,
+        build_moving_digits_shards,
+        build_spoken_digits_shards,
+    )
 
     if args.dataset == "images":
         return _cmd_data_images(args)
-    builders = {"digits": build_digits_shards, "moving_digits": build_moving_digits_shards}
+    builders = {"digits": build_digits_shards, "moving_digits": build_moving_digits_shards,
+                "spoken_digits": build_spoken_digits_shards}
     if args.dataset not in builders:
         raise UserError(f"unknown dataset {args.dataset!r}; available: {', '.join(builders)}, images")
     out = Path(args.out or f"data/{args.dataset}")
-    written = builders[args.dataset](out, seed=args.seed)
+    options = {}
+    if args.dataset == "spoken_digits":
+        options = {"sample_rate": args.sample_rate, "duration": args.duration}
+    elif args.sample_rate is not None or args.duration is not None:
+        raise UserError(f"--sample-rate and --duration are options of spoken_digits, not {args.dataset}")
+    try:
+        written = builders[args.dataset](out, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"data {args.dataset}: {error}") from None
     for split, summary in written.items():
         print(f"{split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
     return 0
@@ -176,8 +189,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     experiment, model, step = load_for_sampling(args.run_dir, args.checkpoint, args.gin_param)
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "samples"
-    path = write_sample_grid(experiment, model, out_dir, step)
-    print(f"sample grid: {path}")
+    for path in write_sample_grid(experiment, model, out_dir, step):
+        print(f"samples: {path}")
     return 0
 
 
@@ -290,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="build webdataset shards")
-    p.add_argument("dataset", choices=["digits", "moving_digits", "images"],
-                   help="digits, moving_digits (video clips of the same glyphs), or images: pre-encode an image "
+    p.add_argument("dataset", choices=["digits", "moving_digits", "spoken_digits", "images"],
+                   help="digits, moving_digits (video clips of the same glyphs), spoken_digits (the digit words "
+                        "spoken by espeak-ng, audio), or images: pre-encode an image "
                         "folder (ROOT/<class>/<image>) into latent shards")
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--folder", default=None, help="images: the class-folder tree to encode")
@@ -307,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images: tokenizer binding, e.g. \"SDVAETokenizer.device = 'cuda'\"")
     p.add_argument("--quiet", action="store_true", help="images: no progress line")
     p.add_argument("--seed", type=int, default=0, help="seed of the digits train/test split and of the clips' motion (images: of the write order)")
+    p.add_argument("--sample-rate", type=int, default=None, help="spoken_digits: Hz (default 8000; 24000 for EnCodec)")
+    p.add_argument("--duration", type=float, default=None, help="spoken_digits: seconds per clip (default 0.64)")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("autoencoder", help="train a conv autoencoder tokenizer (tokenizers/conv_ae_*_train.gin)")

@@ -15,6 +15,8 @@ class ShardData:
     """Where a dataset's shards are and what they hold.
 
     root: folder with `{split}.index.json` files written by `selfflow data ...`.
+    sample_rate: audio only, Hz of the waveforms (sample players need it; checked against the
+        shards' metadata when it records one). 0 for other modalities.
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class ShardData:
         eval_split: str = "test",
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
+        sample_rate: int = 0,
     ):
         if num_classes < 0:
             raise UserError(f"ShardData.num_classes must be >= 0, got {num_classes}")
@@ -42,18 +45,25 @@ class ShardData:
         self.eval_split = eval_split
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 0:
+            raise UserError(f"ShardData.sample_rate must be an int >= 0 (Hz), got {sample_rate!r}")
+        self.sample_rate = sample_rate
 
     def _index(self, split: str):
         try:
             index = read_index(self.root, split)
         except DataError as error:
-            built_here = {"digits": "selfflow data digits", "moving_digits": "selfflow data moving_digits"}
+            built_here = {"digits": "selfflow data digits", "moving_digits": "selfflow data moving_digits",
+                          "spoken_digits": "selfflow data spoken_digits"}
             hint = built_here.get(self.dataset, "selfflow data images --folder ... --out ...")
             raise UserError(f"{error} (build it with `{hint}`)") from None
         if self.data_shape and tuple(index.shape) != self.data_shape:
             raise UserError(
                 f"shards in {self.root} hold arrays of shape {tuple(index.shape)}, the config expects {self.data_shape}"
             )
+        recorded = index.metadata.get("sample_rate")
+        if self.sample_rate and recorded is not None and int(recorded) != self.sample_rate:
+            raise UserError(f"shards in {self.root} hold {recorded} Hz audio, ShardData.sample_rate is {self.sample_rate}")
         return index
 
     def loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):

@@ -35,6 +35,7 @@ from selfflow.components.files import write_text_atomic
 from selfflow.components.metrics.evaluator import (
     ClipClassifierCNN,
     DigitClassifierCNN,
+    SpectrogramClassifierCNN,
     accuracy,
     batched_outputs,
     fit_classifier,
@@ -71,7 +72,7 @@ class LoadedEvaluator:
 
 class ClassifierEvaluator:
     """Recipe of a dataset's evaluator: a small CNN classifier trained here (DigitClassifierCNN for
-    images (C, H, W), ClipClassifierCNN for clips (C, F, H, W)).
+    images (C, H, W), ClipClassifierCNN for clips (C, F, H, W), SpectrogramClassifierCNN for waveforms (C, T)).
 
     The trained network is cached in `<cache_dir>/<key>.pt`, key = content hash of this
     recipe, the network's shape and the data (index files and array bytes): the same
@@ -101,11 +102,14 @@ class ClassifierEvaluator:
                 "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "weight_decay": self.weight_decay, "max_shift": self.max_shift, "seed": self.seed}
 
-    def build(self, data: "EvalData") -> DigitClassifierCNN | ClipClassifierCNN:
+    def build(self, data: "EvalData") -> DigitClassifierCNN | ClipClassifierCNN | SpectrogramClassifierCNN:
         shape = tuple(data.test_images.shape[1:])
+        if len(shape) == 2:
+            return SpectrogramClassifierCNN(num_classes=data.num_classes, in_channels=shape[0], samples=shape[1],
+                                            channels=self.channels, data_range=data.data_range, seed=self.seed)
         if len(shape) not in (3, 4) or shape[-1] != shape[-2]:
-            raise ConfigError(f"ClassifierEvaluator needs square images (C, H, W) or clips (C, F, H, W), "
-                              f"the data holds {shape}")
+            raise ConfigError(f"ClassifierEvaluator needs waveforms (C, T), square images (C, H, W) or clips "
+                              f"(C, F, H, W), the data holds {shape}")
         if len(shape) == 4:
             return ClipClassifierCNN(num_classes=data.num_classes, in_channels=shape[0], frames=shape[1],
                                      image_size=shape[2], channels=self.channels, data_range=data.data_range,

@@ -23,6 +23,7 @@ def _families() -> dict[str, list]:
     from selfflow.components.schedules.dual import DualTimestepScheduler
     from selfflow.components.schedules.timesteps import LogitNormalTime, ShiftedTime, UniformTime
     from selfflow.components.tokenizers.conv_ae import ConvAETokenizer
+    from selfflow.components.tokenizers.encodec import EncodecTokenizer
     from selfflow.components.tokenizers.latents import LatentTokenizer
     from selfflow.components.tokenizers.pixels import PixelTokenizer
     from selfflow.components.tokenizers.sd_vae import SDVAETokenizer
@@ -32,7 +33,7 @@ def _families() -> dict[str, list]:
 
     return {
         "backbones": [DiT],
-        "tokenizers": [PixelTokenizer, SDVAETokenizer, LatentTokenizer, ConvAETokenizer],
+        "tokenizers": [PixelTokenizer, SDVAETokenizer, LatentTokenizer, ConvAETokenizer, EncodecTokenizer],
         "schedules": [UniformTime, LogitNormalTime, ShiftedTime, DualTimestepScheduler],
         "objectives": [FlowMatchingObjective, SelfFlowObjective, SRAObjective, REPAObjective],
         "encoders": [TimmEncoder, DigitEncoder],

@@ -32,6 +32,22 @@ def moving_digits_root(tmp_path_factory) -> Path:
     return root
 
 
+AUDIO_TEST_SPEAKERS = 3  # 2 train speakers + 1 test speaker: 60 + 30 clips, built in about a second
+
+
+@pytest.fixture(scope="session")
+def spoken_digits_root(tmp_path_factory) -> Path:
+    """Spoken-digits shards (espeak-ng, which `make install` provides) of a few speakers."""
+    from selfflow.components.datasets.spoken_digits import speaker_split
+    from selfflow.platform.data.shards import build_spoken_digits_shards
+
+    groups = speaker_split(0)
+    root = tmp_path_factory.mktemp("data") / "spoken_digits"
+    build_spoken_digits_shards(root, seed=0, speakers=groups["train"][:2] + groups["test"][:1],
+                               train_shards=2, test_shards=1)
+    return root
+
+
 @pytest.fixture()
 def in_tmp(tmp_path, monkeypatch, digits_root):
     """Run in a temp folder that has data/digits (a link to the session shards)."""

@@ -19,43 +19,26 @@ enters an optimizer or a checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from selfflow.components.tokenizers.latents import LatentNormalization
 from selfflow.components.tokenizers.patchify import Patchify
+from selfflow.components.tokenizers.pretrained import (  # noqa: F401 (WeightsNotFoundError: part of this API)
+    WeightsNotFoundError,
+    building_on_meta,
+    check_data_range,
+    hub_offline,
+    read_local_config,
+)
 
 DEFAULT_SOURCE = "stabilityai/sd-vae-ft-ema"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class WeightsNotFoundError(FileNotFoundError, ValueError):
-    """Local weights are missing. A ValueError too, so config builders report it as one line."""
-
-
-def building_on_meta() -> bool:
-    """True inside `with torch.device("meta")`: build for a config check, read nothing from disk."""
-    return torch.get_default_device().type == "meta"
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -66,31 +49,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
-def check_data_range(data_range: Sequence[float]) -> tuple[float, float]:
-    low, high = (float(v) for v in data_range)
-    if not high > low:
-        raise ValueError(f"data_range must be (low, high) with high > low, got {tuple(data_range)}")
-    return low, high
-
-
 def read_vae_config(folder: Path) -> dict[str, Any]:
     """The folder's config.json after checking that weights sit beside it (one-line errors)."""
-    if folder.is_file():
-        raise ValueError(f"SD-VAE weights_path must be a diffusers folder (config.json + {WEIGHT_FILES[0]}), "
-                         f"got the file {folder}")
-    config_file = folder / "config.json"
-    if not config_file.is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise WeightsNotFoundError(
-            f"SD-VAE weights not found in {folder}: download {DEFAULT_SOURCE} (or your VAE) to that folder on a "
-            f"machine with internet (`hf download {DEFAULT_SOURCE} --local-dir {folder}`); expected "
-            f"{config_file} and {folder / WEIGHT_FILES[0]}"
-        )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read the VAE config {config_file}: {error}") from None
-    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"{config_file} does not describe a diffusers AutoencoderKL")
+    config = read_local_config(folder, WEIGHT_FILES, "SD-VAE", DEFAULT_SOURCE)
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"{folder / 'config.json'} does not describe a diffusers AutoencoderKL")
     return config
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -332,4 +332,49 @@ def build_moving_digits_shards(
     metadata = {"dataset": "moving digits (sklearn.datasets.load_digits glyphs on bouncing integer-velocity paths)",
                 "seed": seed, "test_fraction": test_fraction, "clips_per_glyph": clips_per_glyph, "frames": frames,
                 "canvas": canvas, "pixel_scale": "raw 0..16 divided by 16"}
+    return _write_splits(out_dir, {"train": train_shards, "test": test_shards}, make_split, metadata, NUM_CLASSES)
+
+
+def build_spoken_digits_shards(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    takes_per_digit: int = 3,
+    sample_rate: int = 8000,
+    duration: float = 0.64,
+    train_shards: int = 8,
+    test_shards: int = 2,
+    speakers: Sequence[str] | None = None,
+) -> dict[str, ShardSetSummary]:
+    """Write spoken digits (components/datasets/spoken_digits.py, made with espeak-ng) as train and
+    test shard sets of (1, samples) waveforms. Each sample's json holds its speaker, rate and pitch.
+
+    speakers: only these speakers (from either split); None = all 88. Tests build a few.
+    """
+    from selfflow.components.datasets.spoken_digits import NUM_CLASSES, espeak_version, spoken_digits_split, speaker_split
+
+    groups = speaker_split(seed, test_fraction)
+    if speakers is not None:
+        unknown = sorted(set(speakers) - set(groups["train"]) - set(groups["test"]))
+        if unknown:
+            raise ValueError(f"unknown speakers {unknown}: espeak-ng '<accent>+<variant>' names from SPEAKERS")
+
+    def make_split(split: str):
+        chosen = None if speakers is None else tuple(s for s in groups[split] if s in set(speakers))
+        if chosen == ():
+            raise ValueError(f"none of the speakers {list(speakers)} is in the {split} split {list(groups[split])}")
+        clips, labels, info = spoken_digits_split(split, seed, test_fraction, takes_per_digit, sample_rate,
+                                                  duration, speakers=chosen)
+        takes = takes_per_digit
+        samples = (
+            {"__key__": f"{entry['speaker'].replace('+', '_')}-{int(label)}-{n % takes}", ARRAY_KEY: clip,
+             LABEL_KEY: int(label), "json": dict(entry)}
+            for n, (clip, label, entry) in enumerate(zip(clips, labels, info))
+        )
+        return samples, len(labels)
+
+    metadata = {"dataset": "spoken digits (espeak-ng)", "espeak_version": espeak_version(), "seed": seed,
+                "test_fraction": test_fraction, "takes_per_digit": takes_per_digit, "sample_rate": sample_rate,
+                "duration": duration, "speakers": None if speakers is None else sorted(speakers),
+                "value_scale": "waveform in [-1, 1], peak 0.9"}
     return _write_splits(out_dir, {"train": train_shards, "test": test_shards}, make_split, metadata, NUM_CLASSES)

@@ -19,7 +19,7 @@ from selfflow.platform.experiment import build_from_gin
 
 SKIP_FOLDERS = {"sweeps"}  # sweep specs are not experiments: tested with the sweep runner
 MAX_TRAINABLE_PARAMS = 30_000_000
-LOCAL_DATASETS = ("digits", "moving_digits")  # built by the test session's fixtures
+LOCAL_DATASETS = ("digits", "moving_digits", "spoken_digits")  # built by the test session's fixtures
 ONE_STEP = [
     "TrainConfig.steps = 1",
     "TrainConfig.batch_size = 8",
@@ -49,8 +49,15 @@ def is_experiment(path: Path) -> bool:
 def files_for(path: Path) -> list[str]:
     if is_experiment(path):
         return [str(path)]
-    video_piece = "video" in path.stem or "moving_digits" in path.stem  # clip-shaped: built in the video context
-    context = ["video/fm.gin" if video_piece else "digits/fm.gin"]
+    stem = path.stem
+    if "encodec" in stem or "24k" in stem:  # EnCodec pieces: built in the 24 kHz EnCodec context
+        context = ["audio/encodec_selfflow.gin"]
+    elif "audio" in stem or "spoken_digits" in stem:  # waveform-shaped: built in the audio context
+        context = ["audio/fm.gin"]
+    elif "video" in stem or "moving_digits" in stem:  # clip-shaped: built in the video context
+        context = ["video/fm.gin"]
+    else:
+        context = ["digits/fm.gin"]
     if "REPAObjective" in path.read_text():  # a REPA piece needs the rest of REPA around it
         context += ["objectives/repa.gin", "encoders/repa_digits_small.gin"]
     return context + [str(path)]
@@ -58,7 +65,8 @@ def files_for(path: Path) -> list[str]:
 
 def test_there_are_shipped_gin_files():
     names = {p.relative_to(EXPERIMENTS_DIR).as_posix() for p in shipped_gin_files()}
-    assert {"demo.gin", "digits/fm.gin", "backbones/dit_XL.gin", "video/selfflow.gin"} <= names
+    assert {"demo.gin", "digits/fm.gin", "backbones/dit_XL.gin", "video/selfflow.gin", "audio/selfflow.gin",
+            "audio/encodec_selfflow.gin"} <= names
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +96,10 @@ def quick_autoencoders(tmp_path_factory, digits_root) -> Path:
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter.*:UserWarning")
 @pytest.mark.parametrize("path", shipped_gin_files(), ids=lambda p: p.relative_to(EXPERIMENTS_DIR).as_posix())
-def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencoders, moving_digits_root):
+def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencoders, moving_digits_root,
+                                  spoken_digits_root):
     (in_tmp / "data" / "moving_digits").symlink_to(moving_digits_root)
+    (in_tmp / "data" / "spoken_digits").symlink_to(spoken_digits_root)
     (in_tmp / "runs").mkdir(exist_ok=True)
     (in_tmp / "runs" / "encoders").symlink_to(quick_encoders)
     (in_tmp / "runs" / "autoencoders").symlink_to(quick_autoencoders)

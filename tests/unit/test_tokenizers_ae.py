@@ -173,7 +173,7 @@ def test_sd_vae_missing_weights_say_where_to_put_them(tmp_path):
 def test_sd_vae_rejects_files_and_mismatched_configs(tiny_vae_dir, tmp_path):
     single = tmp_path / "vae.safetensors"
     single.write_bytes(b"x")
-    with pytest.raises(ValueError, match="must be a diffusers folder"):
+    with pytest.raises(ValueError, match="SD-VAE weights_path must be a folder"):
         SDVAETokenizer(str(single))
     with pytest.raises(ValueError, match="downsamples by 2"):
         SDVAETokenizer(str(tiny_vae_dir), image_size=16, downsample_factor=8)
