@@ -54,7 +54,8 @@ def autoencoder(tokenizer: Any = gin.REQUIRED) -> Any:
 
 @gin.configurable(module="tokenizers")
 class AutoencoderTraining:
-    """Train a ConvAutoencoder on a dataset's train split; write it (with its latent statistics) to `out`."""
+    """Train a ConvAutoencoder on a dataset's train split; write it (with its latent statistics) to `out`.
+    Audio data (ShardData.modality 'audio') gets the 1-D autoencoder over time."""
 
     def __init__(self, data=gin.REQUIRED, latent_channels: int = 4, hidden_channels: int = 32, downsample: int = 1,
                  data_range: tuple = (0.0, 1.0), steps: int = 2000, lr: float = 1e-3, batch_size: int = 128,
@@ -70,15 +71,20 @@ class AutoencoderTraining:
         train_x, _ = self.data.arrays(self.data.train_split)
         test_x, _ = self.data.arrays(self.data.eval_split)
         train_x = torch.as_tensor(train_x, dtype=torch.float32)
-        if train_x.dim() == 3:
-            train_x = train_x.unsqueeze(1)
-        if train_x.dim() != 4 or train_x.shape[-1] != train_x.shape[-2]:
-            raise UserError(f"AutoencoderTraining needs square images (M, C, S, S), got {tuple(train_x.shape)}")
+        audio = getattr(self.data, "modality", "image") == "audio"
+        if audio:
+            if train_x.dim() != 3:
+                raise UserError(f"AutoencoderTraining needs waveforms (M, C, T) for audio, got {tuple(train_x.shape)}")
+        else:
+            if train_x.dim() == 3:
+                train_x = train_x.unsqueeze(1)
+            if train_x.dim() != 4 or train_x.shape[-1] != train_x.shape[-2]:
+                raise UserError(f"AutoencoderTraining needs square images (M, C, S, S), got {tuple(train_x.shape)}")
         try:
             model = ConvAutoencoder(
                 in_channels=int(train_x.shape[1]), image_size=int(train_x.shape[-1]),
                 latent_channels=self.latent_channels, hidden_channels=self.hidden_channels,
-                downsample=self.downsample, data_range=self.data_range, seed=self.seed,
+                downsample=self.downsample, data_range=self.data_range, seed=self.seed, dims=1 if audio else 2,
             )
             metrics = fit_conv_autoencoder(
                 model, train_x, steps=self.steps, lr=self.lr, batch_size=self.batch_size,

@@ -35,10 +35,12 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 class ConvAutoencoder(nn.Module):
-    """images (B, in_channels, S, S) in data_range <-> latents (B, latent_channels, S / 2^downsample, ...).
+    """images (B, in_channels, S, S) in data_range <-> latents (B, latent_channels, S / 2^downsample, ...);
+    with dims=1, waveforms (B, in_channels, S) <-> latents (B, latent_channels, S / 2^downsample).
 
     Encoder: conv3x3 -> [conv4x4 stride 2] x downsample -> conv3x3 -> conv1x1 to latent_channels.
     Decoder: the mirror with transposed convolutions. SiLU between layers, linear output.
+    dims=1 uses the same layers in 1-D (kernel 3, 4 and 1 along time).
     Buffers latent_mean / latent_std (per channel) are set by fit_conv_autoencoder.
     seed: parameter initialisation (a private RNG; the global one is untouched).
     """
@@ -52,8 +54,11 @@ class ConvAutoencoder(nn.Module):
         downsample: int = 1,
         data_range: Sequence[float] = (0.0, 1.0),
         seed: int = 0,
+        dims: int = 2,
     ) -> None:
         super().__init__()
+        if dims not in (1, 2) or isinstance(dims, bool):
+            raise ValueError(f"dims must be 1 (waveforms) or 2 (images), got {dims!r}")
         for name, value in (("in_channels", in_channels), ("image_size", image_size),
                             ("latent_channels", latent_channels), ("hidden_channels", hidden_channels)):
             _positive_int(name, value)
@@ -66,31 +71,33 @@ class ConvAutoencoder(nn.Module):
             raise ValueError(f"data_range must be (low, high) with high > low, got {tuple(data_range)}")
         self.config = {"in_channels": in_channels, "image_size": image_size, "latent_channels": latent_channels,
                        "hidden_channels": hidden_channels, "downsample": downsample,
-                       "data_range": [low, high], "seed": seed}
-        self.image_shape = (in_channels, image_size, image_size)
+                       "data_range": [low, high], "seed": seed, "dims": dims}
+        self.dims = dims
+        self.image_shape = (in_channels,) + (image_size,) * dims
         side = image_size // 2 ** downsample
-        self.latent_shape = (latent_channels, side, side)
+        self.latent_shape = (latent_channels,) + (side,) * dims
         self.data_range = (low, high)
         width = hidden_channels
+        conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             down = [layer for _ in range(downsample)
-                    for layer in (nn.Conv2d(width, width, 4, stride=2, padding=1), nn.SiLU())]
+                    for layer in (conv(width, width, 4, stride=2, padding=1), nn.SiLU())]
             self.encoder = nn.Sequential(
-                nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(), *down,
-                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, latent_channels, 1),
+                conv(in_channels, width, 3, padding=1), nn.SiLU(), *down,
+                conv(width, width, 3, padding=1), nn.SiLU(), conv(width, latent_channels, 1),
             )
             up = [layer for _ in range(downsample)
-                  for layer in (nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.SiLU())]
+                  for layer in (transposed(width, width, 4, stride=2, padding=1), nn.SiLU())]
             self.decoder = nn.Sequential(
-                nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(), *up,
-                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, in_channels, 3, padding=1),
+                conv(latent_channels, width, 3, padding=1), nn.SiLU(), *up,
+                conv(width, width, 3, padding=1), nn.SiLU(), conv(width, in_channels, 3, padding=1),
             )
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
     def _check(self, tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
-        if tensor.dim() != 4 or tuple(tensor.shape[1:]) != shape:
+        if tensor.dim() != 2 + self.dims or tuple(tensor.shape[1:]) != shape:
             raise ValueError(f"ConvAutoencoder expects {what} (B, {', '.join(map(str, shape))}), "
                              f"got {tuple(tensor.shape)}")
 
@@ -145,9 +152,9 @@ def load_conv_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
 
 def _as_images(images: Any, model: ConvAutoencoder, name: str) -> torch.Tensor:
     images = torch.as_tensor(images, dtype=torch.float32)
-    if images.dim() == 3 and model.image_shape[0] == 1:
+    if images.dim() == 1 + model.dims and model.image_shape[0] == 1:
         images = images.unsqueeze(1)
-    if images.dim() != 4 or tuple(images.shape[1:]) != model.image_shape or images.shape[0] == 0:
+    if images.dim() != 2 + model.dims or tuple(images.shape[1:]) != model.image_shape or images.shape[0] == 0:
         raise ValueError(f"{name} must be (M, {', '.join(map(str, model.image_shape))}) with M > 0, "
                          f"got {tuple(images.shape)}")
     return images

@@ -83,14 +83,17 @@ def quick_encoders(tmp_path_factory, digits_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quick_autoencoders(tmp_path_factory, digits_root) -> Path:
-    """Latent-digits presets point at a platform-trained conv autoencoder: make a tiny one."""
+def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root) -> Path:
+    """Latent presets point at platform-trained conv autoencoders: make tiny ones."""
     from selfflow.platform.datasource import ShardData
     from selfflow.platform.tokenizers import AutoencoderTraining
 
     folder = tmp_path_factory.mktemp("autoencoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
     AutoencoderTraining(data, steps=3, batch_size=16, hidden_channels=8, out=str(folder / "conv_ae_digits.pt")).run()
+    audio = ShardData(root=str(spoken_digits_root), num_classes=10, data_shape=(1, 5120), modality="audio")
+    AutoencoderTraining(audio, latent_channels=8, hidden_channels=4, downsample=4, data_range=(-1.0, 1.0), steps=2,
+                        batch_size=4, out=str(folder / "conv_ae_audio.pt")).run()
     return folder
 
 

@@ -39,3 +39,13 @@ def test_pixel_tokenizer_normalises_and_inverts():
     assert tokens.min() >= -1 and tokens.max() <= 1
     assert torch.allclose(tokens[0, 0], (x[0, 0, :2, :2].reshape(-1) - 0.5) / 0.5)
     assert torch.allclose(tok.decode(tokens), x, atol=1e-6)
+
+
+def test_pixel_scaling_factor_multiplies_the_normalised_values_and_decode_inverts_it():
+    x = torch.rand(3, 1, 160, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scaled = PixelTokenizer((1, 160), 80, (-1.0, 1.0), scaling_factor=7.5)
+    plain = PixelTokenizer((1, 160), 80, (-1.0, 1.0))
+    torch.testing.assert_close(scaled.encode(x), 7.5 * plain.encode(x))
+    torch.testing.assert_close(scaled.decode(scaled.encode(x)), x)
+    with pytest.raises(ValueError, match="scaling_factor must be a positive number"):
+        PixelTokenizer((1, 160), 80, (-1.0, 1.0), scaling_factor=0)

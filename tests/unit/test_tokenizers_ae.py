@@ -296,3 +296,55 @@ def test_autoencoder_cli_trains_from_the_shipped_gin(in_tmp, capsys):
     tokenizer = conv_ae_from("runs/autoencoders/conv_ae_digits.pt")
     assert tokenizer.latent_shape == (4, 4, 4) and tokenizer.token_shape == (16, 4)
     assert not torch.equal(tokenizer.autoencoder.latent_std, torch.ones(4))  # statistics were measured
+
+
+# ----- the 1-D (waveform) conv autoencoder ------------------------------------------------------
+
+def tones(count: int, length: int = 256, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    freqs = 0.05 + 0.2 * torch.rand(count, 1, generator=generator)
+    phases = 6.28 * torch.rand(count, 1, generator=generator)
+    return (0.8 * torch.sin(freqs * torch.arange(length) + phases))[:, None]
+
+
+def test_conv_ae_1d_shapes_layers_and_checks():
+    model = ConvAutoencoder(in_channels=1, image_size=256, latent_channels=8, downsample=3, data_range=(-1.0, 1.0),
+                            dims=1)
+    assert model.image_shape == (1, 256) and model.latent_shape == (8, 32)
+    assert all(not isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert model.encode(torch.zeros(2, 1, 256)).shape == (2, 8, 32)
+    assert model.decode(torch.zeros(2, 8, 32)).shape == (2, 1, 256)
+    with pytest.raises(ValueError, match=r"\(B, 1, 256\)"):
+        model.encode(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="dims must be 1"):
+        ConvAutoencoder(dims=3)
+    tokenizer = ConvAETokenizer(model, patch_size=4)
+    assert tokenizer.token_shape == (8, 32) and tokenizer.grid == (8,)
+
+
+def test_conv_ae_1d_learns_waveforms_and_survives_save_load(tmp_path):
+    waves = tones(96)
+    model = ConvAutoencoder(image_size=256, latent_channels=4, hidden_channels=16, downsample=2,
+                            data_range=(-1.0, 1.0), dims=1)
+    with torch.no_grad():
+        untrained = torch.mean((model(waves) - waves) ** 2).item()
+    metrics = fit_conv_autoencoder(model, waves[:64], steps=150, lr=3e-3, batch_size=32,
+                                   generator=torch.Generator().manual_seed(0), test_images=waves[64:])
+    assert metrics["test_mse"] < 0.2 * untrained
+    loaded = load_conv_autoencoder(save_conv_autoencoder(model, tmp_path / "audio.pt"))
+    assert loaded.dims == 1 and loaded.latent_shape == (4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(waves[:4]), model(waves[:4]))
+
+
+def test_autoencoder_cli_trains_the_audio_preset(in_tmp, spoken_digits_root, capsys):
+    from selfflow.platform.cli import main
+    from selfflow.platform.tokenizers import conv_ae_from
+
+    (in_tmp / "data" / "spoken_digits").symlink_to(spoken_digits_root)
+    code = main(["autoencoder", "--gin_file", "tokenizers/conv_ae_audio_train.gin",
+                 "--gin_param", "AutoencoderTraining.steps = 2", "--gin_param", "AutoencoderTraining.hidden_channels = 4"])
+    assert code == 0, capsys.readouterr().err
+    tokenizer = conv_ae_from("runs/autoencoders/conv_ae_audio.pt", patch_size=4)
+    assert tokenizer.latent_shape == (8, 320) and tokenizer.token_shape == (80, 32)
+    assert tokenizer.decode(tokenizer.encode(torch.zeros(2, 1, 5120))).shape == (2, 1, 5120)
