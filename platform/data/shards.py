@@ -365,9 +365,8 @@ def build_spoken_digits_shards(
             raise ValueError(f"none of the speakers {list(speakers)} is in the {split} split {list(groups[split])}")
         clips, labels, info = spoken_digits_split(split, seed, test_fraction, takes_per_digit, sample_rate,
                                                   duration, speakers=chosen)
-        takes = takes_per_digit
-        samples = (
-            {"__key__": f"{entry['speaker'].replace('+', '_')}-{int(label)}-{n % takes}", ARRAY_KEY: clip,
+        samples = (  # clips come speaker by speaker, digit by digit, take by take
+            {"__key__": f"{entry['speaker'].replace('+', '_')}-{int(label)}-{n % takes_per_digit}", ARRAY_KEY: clip,
              LABEL_KEY: int(label), "json": dict(entry)}
             for n, (clip, label, entry) in enumerate(zip(clips, labels, info))
         )

@@ -66,11 +66,12 @@ def forkserver(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, digits_root) -> Path:
-    """A folder with data/digits and tiny.gin, like a user's working directory."""
+def workspace(tmp_path_factory, digits_root, spoken_digits_root) -> Path:
+    """A folder with data/digits, data/spoken_digits and tiny.gin, like a user's working directory."""
     folder = tmp_path_factory.mktemp("bad_inputs")
     (folder / "data").mkdir()
     (folder / "data" / "digits").symlink_to(digits_root)
+    (folder / "data" / "spoken_digits").symlink_to(spoken_digits_root)
     write_tiny_gin(folder, "tiny", steps=4, log_every=2, checkpoint_every=2)
     return folder
 
