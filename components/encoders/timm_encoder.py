@@ -7,33 +7,20 @@ missing file is an error that says where to put it.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.components.pretrained import hub_offline
+
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 STATE_DICT_KEYS = ("state_dict", "model", "teacher")  # wrappers used by common training scripts
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def _find_in_hub_cache(hub_id: str | None, cache_dir: str | None) -> Path | None:
@@ -41,7 +28,7 @@ def _find_in_hub_cache(hub_id: str | None, cache_dir: str | None) -> Path | None
         return None
     from huggingface_hub import try_to_load_from_cache  # local lookup only, no network
 
-    with _hub_offline():
+    with hub_offline():
         for filename in HUB_FILENAMES:
             found = try_to_load_from_cache(hub_id, filename, cache_dir=cache_dir)
             if isinstance(found, str) and os.path.isfile(found):

@@ -27,7 +27,7 @@ import torch
 
 from selfflow.components.tokenizers.latents import LatentNormalization
 from selfflow.components.tokenizers.patchify import Patchify
-from selfflow.components.tokenizers.pretrained import (  # noqa: F401 (WeightsNotFoundError: part of this API)
+from selfflow.components.pretrained import (  # noqa: F401 (WeightsNotFoundError: part of this API)
     WeightsNotFoundError,
     building_on_meta,
     check_data_range,

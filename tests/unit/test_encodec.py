@@ -71,3 +71,13 @@ def test_meta_build_reads_nothing_and_random_init_says_so(tmp_path):
         random = EncodecTokenizer(None, data_shape=(1, 3200), random_init_for_tests=True)
     assert "RANDOM" in repr(random)
     assert random.encode(torch.zeros(2, 1, 3200)).shape == (2, 10, 128)
+
+
+def test_importing_the_tokenizer_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from selfflow.components.tokenizers.encodec import EncodecTokenizer; "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"  # a 10 s import only when EnCodec is actually used

@@ -1,4 +1,5 @@
-"""What the tokenizers with pretrained weights share: local folders only, the hub offline, meta builds.
+"""What components with pretrained weights share (SD-VAE, EnCodec, timm encoders): local folders
+only, the hub offline, meta builds.
 
 Weights are never downloaded at run time: a tokenizer names a local folder in the layout `hf download
 <repo> --local-dir <folder>` writes (config.json beside the weight file) and reads it with the hub
