@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfflow.components.audio import unit_mono
 from selfflow.components.files import atomic_path
 from selfflow.components.samplers.grids import time_grid
 from selfflow.components.samplers.guidance import classifier_free_guidance
@@ -94,9 +95,7 @@ def spectrogram_images(waveforms: torch.Tensor, value_range=(-1.0, 1.0), n_fft: 
                        hop: int = 64) -> torch.Tensor:
     """(B, C, T) waveforms -> (B, 1, n_fft // 2 + 1, frames) log-magnitude images in [0, 1], low
     frequencies at the bottom (a fixed 80 dB window, so grids of different steps compare)."""
-    low, high = value_range
-    mono = ((waveforms.float() - (low + high) / 2) / ((high - low) / 2)).mean(dim=1)
-    spectrum = torch.stft(mono, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs()
+    spectrum = torch.stft(unit_mono(waveforms, value_range), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs()
     decibels = 20 * torch.log10(spectrum / (n_fft / 4) + 1e-8)
     return ((decibels + 80.0) / 80.0).clamp(0, 1).flip(1)[:, None]
 
@@ -105,8 +104,7 @@ def write_wav(waveforms: torch.Tensor, path: str | os.PathLike, sample_rate: int
               value_range=(-1.0, 1.0)) -> Path:
     """All waveforms (B, C, T) one after another, `gap_seconds` of silence between, as one 16-bit wav
     (channels averaged to mono), written atomically."""
-    low, high = value_range
-    mono = ((waveforms.float() - (low + high) / 2) / ((high - low) / 2)).mean(dim=1).clamp(-1, 1)
+    mono = unit_mono(waveforms, value_range).clamp(-1, 1)
     gap = torch.zeros(mono.shape[0], int(gap_seconds * sample_rate))
     audio = torch.cat([mono, gap], dim=1).flatten()
     pcm = (audio.numpy() * 32767).round().astype("<i2")

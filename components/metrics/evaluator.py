@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.components.audio import unit_mono
+
 
 class DigitClassifierCNN(nn.Module):
     """Conv classifier for small images (B, C, H, W) with values in `data_range`.
@@ -212,9 +214,7 @@ class SpectrogramClassifierCNN(nn.Module):
         expected = (self.in_channels, self.samples)
         if audio.dim() != 3 or tuple(audio.shape[1:]) != expected:
             raise ValueError(f"evaluator takes waveforms (B, {', '.join(map(str, expected))}), got {tuple(audio.shape)}")
-        low, high = self.data_range
-        mono = ((audio.float() - (low + high) / 2) / ((high - low) / 2)).mean(dim=1)
-        spectrum = torch.stft(mono, self.n_fft, self.hop, window=self.window, return_complex=True)
+        spectrum = torch.stft(unit_mono(audio, self.data_range), self.n_fft, self.hop, window=self.window, return_complex=True)
         # log(1e-3 + |X|) spans about [-7, 4] here; the affine keeps it near [-1, 1] for the first conv.
         return ((spectrum.abs() + 1e-3).log()[:, None] + 1.5) / 4.0
 
