@@ -18,10 +18,13 @@ class Batch:
     x0: clean tokens (B, N, P) produced by a tokenizer.
     cond: class labels (B,) int64, or None for unconditional data. The null
         class used for classifier-free guidance is `num_classes`.
+    modality: in a modality mixture, the name of the batch's modality (objectives may
+        set per-modality knobs from it); None otherwise.
     """
 
     x0: torch.Tensor
     cond: torch.Tensor | None = None
+    modality: str | None = None
 
     @property
     def size(self) -> int:

@@ -55,7 +55,16 @@ class SampleGrid:
 
 
 def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:
-    """The grid PNG (and, for audio, its wav) of the EMA model's samples at `step`."""
+    """The grid PNG (and, for audio, its wav) of the EMA model's samples at `step`; a mixture writes
+    one per modality (step-<step>-<modality>.png)."""
+    written = []
+    for modality, view in experiment.views():
+        name = f"step-{step:08d}" + (f"-{modality}" if modality else "")
+        written += _write_grid(view, model, Path(folder) / f"{name}.png")
+    return written
+
+
+def _write_grid(experiment, model, path: Path) -> list[Path]:
     config = experiment.sampling
     num_classes = experiment.num_classes
     labels = class_grid_labels(num_classes, config.per_class) if num_classes else None
@@ -63,5 +72,4 @@ def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:
     images = generate(model, experiment.tokenizer, config, labels, num_samples=config.per_class * 4, generator=generator)
     value_range = getattr(experiment.tokenizer, "data_range", (0.0, 1.0))
     sample_rate = int(getattr(experiment.data, "sample_rate", 0) or 0)
-    return save_sample_grid(images, Path(folder) / f"step-{step:08d}.png", nrow=config.per_class,
-                            value_range=value_range, sample_rate=sample_rate)
+    return save_sample_grid(images, path, nrow=config.per_class, value_range=value_range, sample_rate=sample_rate)

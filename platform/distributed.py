@@ -362,13 +362,16 @@ def ddp_wrapper(use_gpu: bool) -> Callable[[nn.Module], nn.Module]:
     def wrap(module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
+        # A mixture's step trains one modality: the other modalities' input and output layers get no
+        # gradient that step, which DDP must be told to expect.
+        options = {"find_unused_parameters": bool(getattr(module.model, "modalities", ()))}
         if use_gpu:
             import ray.train.torch
 
             device = ray.train.torch.get_device()
             module.to(device)
-            return DistributedDataParallel(module, device_ids=[device])
-        return DistributedDataParallel(module)
+            return DistributedDataParallel(module, device_ids=[device], **options)
+        return DistributedDataParallel(module, **options)
 
     return wrap
 

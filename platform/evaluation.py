@@ -468,12 +468,15 @@ class EvalSuite:
 
     # -- one evaluation -----------------------------------------------------------------------
 
-    def run(self, experiment, model: nn.Module, step: int, tracker, run_dir: str | os.PathLike) -> dict[str, float]:
-        """Evaluate `model` (the EMA backbone) at `step`; log metrics and artifacts; return the metrics."""
+    def run(self, experiment, model: nn.Module, step: int, tracker, run_dir: str | os.PathLike,
+            out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+        """Evaluate `model` (the EMA backbone) at `step`; log metrics and artifacts; return the metrics.
+        Files go to `out_dir` (default <run_dir>/eval)."""
         model_was_training = model.training
         model.eval()
         try:
-            metrics, artifacts = self._measure(experiment, model, step, run_dir)
+            metrics, artifacts = self._measure(experiment, model, step, run_dir,
+                                               Path(out_dir) if out_dir else Path(run_dir) / "eval")
         finally:
             model.train(model_was_training)
         tracker.log_metrics(metrics, step=int(step))
@@ -481,7 +484,8 @@ class EvalSuite:
             tracker.log_artifact(path, "eval")
         return metrics
 
-    def _measure(self, experiment, model: nn.Module, step: int, run_dir) -> tuple[dict[str, float], list[Path]]:
+    def _measure(self, experiment, model: nn.Module, step: int, run_dir,
+                 out_dir: Path) -> tuple[dict[str, float], list[Path]]:
         started, started_cpu = time.perf_counter(), time.process_time()
         context = self.prepare(experiment, run_dir)
         metrics: dict[str, float] = {}
@@ -492,7 +496,6 @@ class EvalSuite:
             context.evaluator.fitted_now = False
         if "test_accuracy" in context.evaluator.metrics:
             metrics["eval/evaluator_test_acc"] = context.evaluator.metrics["test_accuracy"]
-        out_dir = Path(run_dir) / "eval"
         artifacts: list[Path] = []
         if self.generation:
             tick = time.perf_counter()
@@ -546,6 +549,13 @@ class EvalCallback:
 
 def evaluate(experiment, model: nn.Module, step: int, tracker, run_dir: str | os.PathLike) -> dict[str, float]:
     """One evaluation with the experiment's suite (or the default one when it has none)."""
+    if experiment.modalities:
+        from selfflow.platform.mixture import ModalityEvaluation
+
+        evaluation = experiment.evaluation
+        if not isinstance(evaluation, ModalityEvaluation):
+            evaluation = ModalityEvaluation({name: EvalSuite() for name in experiment.modalities})
+        return evaluation.run(experiment, model, step, tracker, run_dir)
     suite = experiment.evaluation if isinstance(experiment.evaluation, EvalSuite) else EvalSuite()
     return suite.run(experiment, model, step, tracker, run_dir)
 

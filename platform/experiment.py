@@ -8,8 +8,8 @@ not passed.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import gin
 import torch
@@ -106,6 +106,34 @@ class Experiment:
     def num_classes(self) -> int:
         return int(getattr(self.model, "num_classes", 0))
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """A mixture's modality names (sorted; platform/mixture.py); () for one modality."""
+        return tuple(self.tokenizer) if isinstance(self.tokenizer, Mapping) else ()
+
+    def tokenizer_for(self, modality: str | None):
+        """The tokenizer of a batch of `modality` (None: the experiment's only tokenizer)."""
+        if not self.modalities:
+            if modality is not None:
+                raise UserError(f"experiment {self.name!r} has one modality, but a batch says {modality!r}")
+            return self.tokenizer
+        if modality not in self.tokenizer:
+            raise UserError(f"experiment {self.name!r} mixes {list(self.modalities)}; a batch says {modality!r}")
+        return self.tokenizer[modality]
+
+    def view(self, modality: str) -> "Experiment":
+        """The mixture seen as one modality: the same model (and objective, training and sampling
+        settings) with that modality's tokenizer, data and evaluation suite."""
+        tokenizer = self.tokenizer_for(modality)
+        suites = getattr(self.evaluation, "suites", {})
+        return replace(self, name=f"{self.name}/{modality}", tokenizer=tokenizer, data=self.data.parts[modality],
+                       evaluation=suites.get(modality),
+                       tags=dict(self.tags, modality=str(getattr(self.data.parts[modality], "modality", modality))))
+
+    def views(self) -> list[tuple[str, "Experiment"]]:
+        """(modality, view) per modality of a mixture; [("", self)] for a single-modality experiment."""
+        return [(name, self.view(name)) for name in self.modalities] or [("", self)]
+
 
 def call_with_context(factory: Callable[..., Any] | Any, context: dict[str, Any], what: str) -> Any:
     """Call `factory` with the context arguments it accepts; instances pass through."""
@@ -145,18 +173,28 @@ def build_experiment(
     # whatever consumed the global RNG before this call.
     torch.manual_seed(train.seed)
     num_classes = int(getattr(data, "num_classes", 0))
-    context: dict[str, Any] = {
-        "in_dim": tokenizer.token_shape[1],
-        "grid": tuple(tokenizer.grid),
-        "num_classes": num_classes,
-    }
-    model = call_with_context(backbone, context, "the backbone")
-    context.update(
-        hidden_dim=model.hidden_dim,
-        depth=model.depth,
-        encoder_input=tokenizer.decode,
-        num_tokens=tokenizer.token_shape[0],
-    )
+    if isinstance(tokenizer, Mapping):
+        tokenizer, evaluation = mixture_parts(tokenizer, data, backbone, objective, evaluation)
+        context: dict[str, Any] = {
+            "layouts": {name: (part.token_shape[1], tuple(part.grid)) for name, part in tokenizer.items()},
+            "num_classes": num_classes,
+        }
+        model = call_with_context(backbone, context, "the backbone")
+        # No encoder_input / num_tokens: objectives that need one token layout (REPA) cannot mix.
+        context.update(hidden_dim=model.hidden_dim, depth=model.depth)
+    else:
+        context = {
+            "in_dim": tokenizer.token_shape[1],
+            "grid": tuple(tokenizer.grid),
+            "num_classes": num_classes,
+        }
+        model = call_with_context(backbone, context, "the backbone")
+        context.update(
+            hidden_dim=model.hidden_dim,
+            depth=model.depth,
+            encoder_input=tokenizer.decode,
+            num_tokens=tokenizer.token_shape[0],
+        )
     built_objective = call_with_context(objective, context, "the objective")
     tags = {
         "objective": type(built_objective).__name__,
@@ -177,12 +215,44 @@ def build_experiment(
     )
 
 
+def mixture_parts(tokenizers: Mapping[str, Any], data: Any, backbone: Any, objective: Any,
+                  evaluation: Any) -> tuple[dict, Any]:
+    """Checks a mixture's per-modality bindings agree; returns (tokenizers in name order, evaluation
+    with a dict of suites wrapped as ModalityEvaluation)."""
+    from selfflow.platform.mixture import MixtureData, ModalityEvaluation
+
+    names = sorted(tokenizers)
+    if not isinstance(data, MixtureData):
+        raise ConfigError(f"build_experiment.tokenizer names modalities {names}, so build_experiment.data must be "
+                          f"a @MixtureData() with the same parts, got {type(data).__name__}")
+    if list(data.names) != names:
+        raise ConfigError(f"modalities differ: build_experiment.tokenizer has {names}, MixtureData.parts has "
+                          f"{list(data.names)}")
+    target = backbone if inspect.isclass(backbone) else type(backbone)
+    if "layouts" not in inspect.signature(target.__init__).parameters:
+        raise ConfigError(f"a mixture needs a backbone that takes per-modality layouts (build_experiment.backbone = "
+                          f"@MultiModalDiT), got {getattr(target, '__name__', target)}")
+    target = objective if inspect.isclass(objective) else type(objective)
+    single_layout = {"encoder_input", "num_tokens"} & set(inspect.signature(target.__init__).parameters)
+    if single_layout:
+        raise ConfigError(f"{target.__name__} works on one token layout (it takes {', '.join(sorted(single_layout))}); "
+                          f"a mixture has one per modality ({', '.join(names)})")
+    if isinstance(evaluation, Mapping):
+        if sorted(evaluation) != names:
+            raise ConfigError(f"build_experiment.evaluation names {sorted(evaluation)}, the mixture has {names}")
+        evaluation = ModalityEvaluation(evaluation)
+    elif evaluation is not None and not isinstance(evaluation, ModalityEvaluation):
+        raise ConfigError("a mixture evaluates each modality with its own suite: bind build_experiment.evaluation "
+                          f"= {{{', '.join(repr(n) + ': @' + n + '/EvalSuite()' for n in names)}}}")
+    return {name: tokenizers[name] for name in names}, evaluation
+
+
 def build_from_gin() -> Experiment:
     """Build the experiment from the current (parsed) gin state with one-line errors."""
     try:
         return build_experiment()
-    except ConfigError:
-        raise
+    except ConfigError as error:  # gin appends its call-site lines to errors raised inside configurables
+        raise ConfigError(str(error).strip().splitlines()[0]) from None
     except UserError as error:  # gin re-raises it as a proxy subclass with call-site lines appended
         raise UserError(str(error).strip().splitlines()[0]) from None
     except (TypeError, ValueError, RuntimeError) as error:

@@ -13,6 +13,7 @@ _REGISTERED = False
 
 def _families() -> dict[str, list]:
     from selfflow.components.backbones.dit import DiT
+    from selfflow.components.backbones.multimodal import MultiModalDiT
     from selfflow.components.encoders.digit_encoder import DigitEncoder
     from selfflow.components.encoders.timm_encoder import TimmEncoder
     from selfflow.components.objectives.flow_matching import FlowMatchingObjective
@@ -30,15 +31,16 @@ def _families() -> dict[str, list]:
     from selfflow.platform.datasource import ShardData
     from selfflow.platform.evaluation import ClassifierEvaluator, EvalSuite, InceptionEvaluator
     from selfflow.platform.experiment import SamplingConfig, TrainConfig
+    from selfflow.platform.mixture import MixtureData
 
     return {
-        "backbones": [DiT],
+        "backbones": [DiT, MultiModalDiT],
         "tokenizers": [PixelTokenizer, SDVAETokenizer, LatentTokenizer, ConvAETokenizer, EncodecTokenizer],
         "schedules": [UniformTime, LogitNormalTime, ShiftedTime, DualTimestepScheduler],
         "objectives": [FlowMatchingObjective, SelfFlowObjective, SRAObjective, REPAObjective],
         "encoders": [TimmEncoder, DigitEncoder],
         "samplers": [EulerSampler, HeunSampler, EulerMaruyamaSampler],
-        "selfflow": [TrainConfig, SamplingConfig, ShardData],
+        "selfflow": [TrainConfig, SamplingConfig, ShardData, MixtureData],
         "evaluation": [EvalSuite, ClassifierEvaluator, InceptionEvaluator],
     }
 

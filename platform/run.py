@@ -42,7 +42,10 @@ def extra_callbacks(experiment: Experiment) -> list:
     if evaluation is None:
         return []
     make = getattr(evaluation, "callback", None)
-    return [make()] if callable(make) else []
+    if not callable(make):
+        return []
+    made = make()
+    return list(made) if isinstance(made, (list, tuple)) else [made]  # a mixture: one per modality
 
 
 def standard_callbacks(experiment: Experiment) -> list:

@@ -42,20 +42,23 @@ class Callback(Protocol):
 
 @dataclass
 class RunningMeans:
-    """Means of logged values since the last flush; saved in checkpoints so that
-    a resumed run logs exactly what an uninterrupted one would."""
+    """Means of logged values since the last flush, each over the steps that logged it (a mixture's
+    per-modality terms appear only on their modality's steps); saved in checkpoints so that a
+    resumed run logs exactly what an uninterrupted one would."""
 
     sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, values: dict[str, float]) -> None:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.count += 1
 
     def flush(self) -> dict[str, float]:
-        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
-        self.sums, self.count = {}, 0
+        means = {key: value / max(self.counts.get(key, self.count), 1) for key, value in self.sums.items()}
+        self.sums, self.count, self.counts = {}, 0, {}
         return means
 
 
@@ -150,9 +153,10 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def make_batch(self, raw: dict[str, torch.Tensor]) -> Batch:
-        x0 = self.experiment.tokenizer.encode(raw["x"])
+        modality = raw.get("modality")
+        x0 = self.experiment.tokenizer_for(modality).encode(raw["x"])
         cond = raw.get("y") if self.experiment.num_classes > 0 else None
-        return Batch(x0=x0, cond=cond)
+        return Batch(x0=x0, cond=cond, modality=modality)
 
     def train_step(self, raw: dict[str, torch.Tensor]) -> dict[str, float]:
         self.step_module.train()
@@ -185,6 +189,9 @@ class Trainer:
         logs["loss/total"] = float(loss.detach())
         logs.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
         logs["train/grad_norm"] = float(grad_norm)
+        if batch.modality is not None:  # a mixture: each modality's terms and diagnostics also on their own
+            logs.update({f"loss/{batch.modality}/{name}": float(value.detach()) for name, value in out.terms.items()})
+            logs.update({f"diag/{batch.modality}/{name}": float(value) for name, value in out.diagnostics.items()})
         return logs
 
     def any_rank_non_finite(self, local: bool) -> bool:
@@ -255,7 +262,8 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "data": data_state,
-            "running": {"sums": dict(self.running.sums), "count": self.running.count},
+            "running": {"sums": dict(self.running.sums), "count": self.running.count,
+                        "counts": dict(self.running.counts)},
             "skipped": self.skipped,
             "mlflow_run_id": self.mlflow_run_id or "",
         }
@@ -271,7 +279,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("data") and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
-        self.running = RunningMeans(dict(state["running"]["sums"]), int(state["running"]["count"]))
+        running = state["running"]  # checkpoints before per-key counts: every key counted every step
+        self.running = RunningMeans(dict(running["sums"]), int(running["count"]), dict(running.get("counts", {})))
         self.skipped = int(state.get("skipped", 0))
         self.step = int(state["step"])
         self.mlflow_run_id = state.get("mlflow_run_id") or None

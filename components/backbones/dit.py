@@ -79,6 +79,18 @@ class TokenConditioning:
         return list(self.to_tokens(per_row + offset.reshape(-1)).chunk(parts, dim=-1))
 
 
+@dataclass(frozen=True)
+class TokenRoute:
+    """The per-layout layers around the shared blocks: what turns tokens of one layout into the
+    hidden width and back. A plain DiT has one; MultiModalDiT one per modality."""
+
+    num_tokens: int
+    input_projection: nn.Module
+    position_embedding: torch.Tensor
+    final_layer: nn.Module
+    condition_offset: torch.Tensor | None = None  # added to every conditioning row
+
+
 # The MLP's activation. DiT/SiT use tanh-approximated GELU (keep it to load their weights); exact
 # (erf) GELU is the same function to within 5e-4 and, on this CPU build, 2x cheaper forward + backward
 # (BENCHMARKS.md, compute efficiency), so the CPU presets choose it.
@@ -205,21 +217,30 @@ class DiT(nn.Module):
         if self.label_embedder is not None:
             nn.init.normal_(self.label_embedder.table.weight, std=0.02, generator=generator)
         zero_linears = [block.ada_ln[-1] for block in self.blocks]
-        zero_linears += [self.final_layer.ada_ln[-1], self.final_layer.linear]
+        for final_layer in self.final_layers_all():
+            zero_linears += [final_layer.ada_ln[-1], final_layer.linear]
         for linear in zero_linears:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
     # ----- input checks -------------------------------------------------------------------------
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+    def final_layers_all(self) -> list["FinalLayer"]:
+        """Every output layer (one here; one per modality in MultiModalDiT)."""
+        return [self.final_layer]
+
+    def route(self, x: torch.Tensor) -> TokenRoute:
+        """The layers around the shared blocks for tokens shaped like x."""
         if x.dim() != 3 or x.shape[1:] != (self.num_tokens, self.in_dim):
             raise ValueError(
                 f"x must be (B, {self.num_tokens}, {self.in_dim}) for grid {self.grid}, got {tuple(x.shape)}"
             )
+        return TokenRoute(self.num_tokens, self.input_projection, self.position_embedding, self.final_layer)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, tokens: int) -> None:
         batch = x.shape[0]
-        if t.shape not in ((batch,), (batch, self.num_tokens)):
-            raise ValueError(f"t must be ({batch},) or ({batch}, {self.num_tokens}), got {tuple(t.shape)}")
+        if t.shape not in ((batch,), (batch, tokens)):
+            raise ValueError(f"t must be ({batch},) or ({batch}, {tokens}), got {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"t must be a float tensor of levels in [0, 1], got dtype {t.dtype}")
         if self.num_classes == 0 and cond is not None:
@@ -247,11 +268,11 @@ class DiT(nn.Module):
                 raise ValueError(f"return_layers entry {k} lies beyond stop_at={stop_at}")
         return last
 
-    def _attention_mask(self, attn_groups: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    def _attention_mask(self, attn_groups: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
         if attn_groups is None:
             return None
-        if attn_groups.shape != (batch, self.num_tokens):
-            raise ValueError(f"attn_groups must be ({batch}, {self.num_tokens}), got {tuple(attn_groups.shape)}")
+        if attn_groups.shape != (batch, tokens):
+            raise ValueError(f"attn_groups must be ({batch}, {tokens}), got {tuple(attn_groups.shape)}")
         if attn_groups.dtype.is_floating_point or attn_groups.dtype.is_complex:
             raise TypeError(f"attn_groups must hold integer group ids, got dtype {attn_groups.dtype}")
         if not _ATTENTION_TAKES_MASK:
@@ -261,15 +282,19 @@ class DiT(nn.Module):
 
     # ----- conditioning -------------------------------------------------------------------------
 
-    def conditioning(self, t: torch.Tensor, cond: torch.Tensor | None) -> TokenConditioning:
-        """Builds c = TimeEmb(t) + LabelEmb(cond) at the granularity the modulation needs."""
+    def conditioning(self, t: torch.Tensor, cond: torch.Tensor | None, tokens: int | None = None,
+                     offset: torch.Tensor | None = None) -> TokenConditioning:
+        """Builds c = TimeEmb(t) + LabelEmb(cond) (+ `offset`, a (D,) vector such as a modality
+        embedding) at the granularity the modulation needs."""
         batch = t.shape[0]
         labels = None if self.label_embedder is None else self.label_embedder(cond)
+        if offset is not None:
+            labels = offset.expand(batch, -1) if labels is None else labels + offset
         if t.dim() == 1:
             rows = self.time_embedder(t)
             if labels is not None:
                 rows = rows + labels
-            return TokenConditioning(rows, batch, self.num_tokens, per_sample=True)
+            return TokenConditioning(rows, batch, tokens or self.num_tokens, per_sample=True)
 
         tokens = t.shape[1]
         if not self.gathered_modulation:
@@ -303,15 +328,16 @@ class DiT(nn.Module):
         stop_at: int | None = None,
         attn_groups: torch.Tensor | None = None,
     ) -> BackboneOutput:
-        self._check_inputs(x, t, cond)
+        route = self.route(x)
+        self._check_inputs(x, t, cond, route.num_tokens)
         last_block = self._check_layers(return_layers, stop_at)
         wanted = set(return_layers)
         if stop_at is not None:
             wanted.add(stop_at)
-        attn_mask = self._attention_mask(attn_groups, x.shape[0])
+        attn_mask = self._attention_mask(attn_groups, x.shape[0], route.num_tokens)
 
-        conditioning = self.conditioning(t, cond)
-        h = self.input_projection(x) + self.position_embedding.to(x.dtype)
+        conditioning = self.conditioning(t, cond, route.num_tokens, route.condition_offset)
+        h = route.input_projection(x) + route.position_embedding.to(x.dtype)
         hidden: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[:last_block], start=1):
             modulation = conditioning.modulation(block.ada_ln(conditioning.rows), 6, block.SCALE_PARTS)
@@ -320,6 +346,6 @@ class DiT(nn.Module):
                 hidden[index] = h
         if stop_at is not None:
             return BackboneOutput(velocity=None, hidden=hidden)
-        final = self.final_layer
+        final = route.final_layer
         velocity = final(h, conditioning.modulation(final.ada_ln(conditioning.rows), 2, final.SCALE_PARTS))
         return BackboneOutput(velocity=velocity, hidden=hidden)

@@ -132,7 +132,10 @@ class SelfFlowObjective(nn.Module):
         x0 = batch.x0
         if x0.dim() != 3:
             raise ValueError(f"batch.x0 must be tokens (B, N, P), got {tuple(x0.shape)}")
-        draws: DualTimesteps = self.scheduler.sample(x0.shape[0], x0.shape[1], generator).to(x0.device)
+        # A mixture's batch names its modality (per-modality mask ratios); other batches pass nothing.
+        by_modality = {"modality": batch.modality} if batch.modality is not None else {}
+        draws: DualTimesteps = self.scheduler.sample(x0.shape[0], x0.shape[1], generator,
+                                                     **by_modality).to(x0.device)
         eps = draw_noise(x0, generator)
         cond = drop_labels(batch.cond, self.label_dropout, self.num_classes, generator)
         groups = draws.mask.long() if self.attention_separation != "none" else None

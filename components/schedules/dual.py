@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -90,6 +90,8 @@ class DualTimestepScheduler:
     window: width of the "window" mode, s in [t - window, t].
     teacher_time: one of TEACHER_TIMES.
     sra_gap: width of the SRA teacher offset, teacher level in [t - sra_gap, t].
+    mask_ratio_by_modality: {modality: R_M} for mixtures (platform/mixture.py), e.g.
+        {'image': 0.25, 'audio': 0.5}; a batch of a modality not named here uses mask_ratio.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class DualTimestepScheduler:
         window: float = 0.2,
         teacher_time: str = "min",
         sra_gap: float = 0.2,
+        mask_ratio_by_modality: Mapping[str, float] | None = None,
     ) -> None:
         if not callable(getattr(time_dist, "sample", None)):
             raise TypeError(f"time_dist must have sample(shape, generator), got {type(time_dist).__name__}")
@@ -120,11 +123,20 @@ class DualTimestepScheduler:
         self.window = _check_fraction("window", window, 0.0, 1.0, low_open=True)
         self.teacher_time = teacher_time
         self.sra_gap = _check_fraction("sra_gap", sra_gap, 0.0, 1.0)
+        self.mask_ratio_by_modality = {
+            str(name): _check_fraction(f"mask_ratio_by_modality[{name!r}]", ratio, 0.0, MAX_MASK_RATIO)
+            for name, ratio in (mask_ratio_by_modality or {}).items()}
+
+    def mask_ratio_for(self, modality: str | None) -> float:
+        """R_M for a batch of `modality` (None: a single-modality run)."""
+        return self.mask_ratio_by_modality.get(modality, self.mask_ratio) if modality else self.mask_ratio
 
     def __repr__(self) -> str:
         return (f"DualTimestepScheduler(time_dist={self.time_dist!r}, mask_ratio={self.mask_ratio}, "
                 f"exact_count={self.exact_count}, mode={self.mode!r}, window={self.window}, "
-                f"teacher_time={self.teacher_time!r}, sra_gap={self.sra_gap})")
+                f"teacher_time={self.teacher_time!r}, sra_gap={self.sra_gap}"
+                + (f", mask_ratio_by_modality={self.mask_ratio_by_modality}" if self.mask_ratio_by_modality else "")
+                + ")")
 
     # ----- draws --------------------------------------------------------------------------------
 
@@ -137,17 +149,19 @@ class DualTimestepScheduler:
     def _uniform(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device)
 
-    def _mask(self, batch_size: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    def _mask(self, batch_size: int, num_tokens: int, generator: torch.Generator, ratio: float) -> torch.Tensor:
         uniforms = self._uniform((batch_size, num_tokens), generator)
         if not self.exact_count:
-            return uniforms < self.mask_ratio
-        count = math.floor(self.mask_ratio * num_tokens + 0.5)
+            return uniforms < ratio
+        count = math.floor(ratio * num_tokens + 0.5)
         # The `count` smallest uniforms of a row sit at uniformly random positions.
         ranks = uniforms.argsort(dim=1).argsort(dim=1)
         return ranks < count
 
-    def sample(self, batch_size: int, num_tokens: int, generator: torch.Generator) -> DualTimesteps:
-        """Draws for B = batch_size samples of N = num_tokens tokens (on the generator's device)."""
+    def sample(self, batch_size: int, num_tokens: int, generator: torch.Generator,
+               modality: str | None = None) -> DualTimesteps:
+        """Draws for B = batch_size samples of N = num_tokens tokens (on the generator's device);
+        `modality` picks a mixture's per-modality mask ratio."""
         for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -161,7 +175,7 @@ class DualTimestepScheduler:
         else:
             t = self._levels((batch_size,), generator)
             s = self._levels((batch_size,), generator)
-            mask = self._mask(batch_size, num_tokens, generator).to(t.device)
+            mask = self._mask(batch_size, num_tokens, generator, self.mask_ratio_for(modality)).to(t.device)
             if self.mode == "sorted":
                 t, s = torch.minimum(t, s), torch.maximum(t, s)
             elif self.mode == "window":

@@ -1,0 +1,169 @@
+"""Modality mixtures: one model trained on several datasets (images, audio, video) at once.
+
+A mixture experiment binds, per modality name, a dataset (`MixtureData.parts`), a tokenizer
+(`build_experiment.tokenizer = {'image': ..., 'audio': ...}`) and, optionally, an evaluation
+suite (`build_experiment.evaluation = {...}`); the backbone is a MultiModalDiT built from the
+tokenizers' layouts. Each training step draws one modality (weights `MixtureData.weights`, a
+seeded draw that every rank repeats identically) and trains on a batch of it. Everything that
+works on one modality (evaluation, sample grids, `selfflow eval`/`sample`) runs per modality on
+`Experiment.view(name)`: the same model seen with that modality's tokenizer and data.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from selfflow.platform.errors import ConfigError
+
+
+def _weights(names: tuple[str, ...], weights: Mapping[str, float] | None) -> torch.Tensor:
+    if weights is None:
+        return torch.full((len(names),), 1.0 / len(names), dtype=torch.float64)
+    unknown = sorted(set(weights) - set(names))
+    if unknown or set(weights) != set(names):
+        raise ConfigError(f"MixtureData.weights must give a weight to each of {list(names)}, got {sorted(weights)}")
+    values = [weights[name] for name in names]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values) \
+            or sum(values) <= 0:
+        raise ConfigError(f"MixtureData.weights must be finite numbers >= 0 with a positive sum, got {dict(weights)}")
+    total = float(sum(values))
+    return torch.tensor([v / total for v in values], dtype=torch.float64)
+
+
+class MixtureData:
+    """Several datasets, one per modality name, trained on together.
+
+    parts: {modality name: a data source (ShardData)}; names sort into the mixture's order.
+    weights: {name: weight}, the probability of drawing each modality for a step (normalised);
+        None = equal.
+    All parts must have the same number of classes: the label embedding is shared (class c of
+    every modality is the same word or digit).
+    """
+
+    def __init__(self, parts: Mapping[str, Any], weights: Mapping[str, float] | None = None):
+        if not isinstance(parts, Mapping) or len(parts) < 1:
+            raise ConfigError(f"MixtureData.parts must map modality names to datasets, got {parts!r}")
+        self.parts = {name: parts[name] for name in sorted(parts)}
+        self.names = tuple(self.parts)
+        self.probabilities = _weights(self.names, weights)
+        classes = {name: int(getattr(part, "num_classes", 0)) for name, part in self.parts.items()}
+        if len(set(classes.values())) != 1:
+            raise ConfigError(f"MixtureData.parts must have the same number of classes, got {classes}")
+        self.num_classes = next(iter(classes.values()))
+        self.dataset = "+".join(str(getattr(part, "dataset", name)) for name, part in self.parts.items())
+        self.modality = "mixture(" + "+".join(self.names) + ")"
+
+    def loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> "MixtureLoader":
+        loaders = {name: part.loader(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+                   for name, part in self.parts.items()}
+        return MixtureLoader(loaders, self.probabilities, seed)
+
+
+class MixtureLoader:
+    """Infinite batches {'x', 'y', 'modality'}: each from the part a seeded draw picks.
+
+    The draw's generator depends on the seed only, not the rank: under data parallelism every
+    rank trains the same modality at every step, so gradient all-reduce sees the same layers.
+    Resumable: state_dict holds the draw generator and every part's position.
+    """
+
+    def __init__(self, loaders: Mapping[str, Iterator], probabilities: torch.Tensor, seed: int):
+        self.loaders = dict(loaders)
+        self.names = tuple(self.loaders)
+        if probabilities.shape != (len(self.names),):
+            raise ValueError(f"need one probability per part ({len(self.names)}), got {tuple(probabilities.shape)}")
+        self.probabilities = probabilities
+        self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+
+    def __iter__(self) -> "MixtureLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        index = int(torch.multinomial(self.probabilities, 1, generator=self.generator))
+        name = self.names[index]
+        batch = dict(next(self.loaders[name]))
+        batch["modality"] = name
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.generator.get_state(),
+                "parts": {name: loader.state_dict() if hasattr(loader, "state_dict") else {}
+                          for name, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state.get("parts", {})) != set(self.names):
+            raise ValueError(f"checkpoint data position names parts {sorted(state.get('parts', {}))}, "
+                             f"this mixture has {list(self.names)}")
+        self.generator.set_state(state["draws"])
+        for name, loader in self.loaders.items():
+            if state["parts"][name] and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(state["parts"][name])
+
+
+class PrefixedTracker:
+    """A tracker view that names metrics `<head>/<modality>/<rest>` (eval/fd -> eval/audio/fd) and
+    files artifacts under `<folder>/<modality>`."""
+
+    def __init__(self, inner, modality: str):
+        self.inner, self.modality = inner, modality
+
+    def rename(self, key: str) -> str:
+        head, _, rest = key.partition("/")
+        return f"{head}/{self.modality}/{rest}" if rest else f"{self.modality}/{head}"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.inner.log_metrics({self.rename(key): value for key, value in metrics.items()}, step)
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, f"{artifact_path}/{self.modality}" if artifact_path else self.modality)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class ModalityEvaluation:
+    """An evaluation suite per modality of a mixture; each scores the shared model on its own view
+    (its tokenizer, data and evaluator) on its own cadence. Metrics are named
+    eval/<modality>/<metric>; files go to <run_dir>/eval/<modality>."""
+
+    def __init__(self, suites: Mapping[str, Any]):
+        self.suites = {name: suites[name] for name in sorted(suites)}
+
+    def callback(self) -> list:
+        return [ModalityEvalCallback(name, suite) for name, suite in self.suites.items()]
+
+    def run(self, experiment, model, step: int, tracker, run_dir) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, suite in self.suites.items():
+            prefixed = PrefixedTracker(tracker, name)
+            found = run_suite(suite, name, experiment, model, step, prefixed, run_dir)
+            metrics.update({prefixed.rename(key): value for key, value in found.items()})
+        return metrics
+
+
+def run_suite(suite, modality: str, experiment, model, step: int, tracker, run_dir) -> dict[str, float]:
+    """One modality's suite on its view; its files in <run_dir>/eval/<modality>, its evaluators
+    cached where a single-modality run's are."""
+    if getattr(suite, "cache_dir", None) is None:
+        suite.cache_dir = str(suite.resolve_cache_dir(run_dir))
+    return suite.run(experiment.view(modality), model, step, tracker, run_dir,
+                     out_dir=Path(run_dir) / "eval" / modality)
+
+
+class ModalityEvalCallback:
+    """Trainer callback: rank 0 evaluates one modality's view on its suite's cadence."""
+
+    def __init__(self, modality: str, suite):
+        from selfflow.platform.evaluation import EvalCallback
+
+        self.modality, self.suite = modality, suite
+        self.schedule = EvalCallback(suite)
+
+    def on_step_end(self, trainer, logs) -> None:
+        if trainer.rank != 0 or not self.schedule.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
+            return
+        run_suite(self.suite, self.modality, trainer.experiment, trainer.eval_model, trainer.step,
+                  PrefixedTracker(trainer.tracker, self.modality), trainer.run_dir)
