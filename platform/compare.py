@@ -26,6 +26,24 @@ PLOT_PREFIXES = ("loss/", "eval/fd", "eval/sample_class_acc", "probe/linear/best
 EXCLUDED_ROLES = ("parent", "compare")
 
 
+def without_modality(metric: str) -> str:
+    """A mixture's per-modality name without its modality: eval/audio/fd -> eval/fd."""
+    parts = metric.split("/")
+    return "/".join(parts[:1] + parts[2:]) if len(parts) > 2 else metric
+
+
+def default_metrics(present: set[str]) -> list[str]:
+    """DEFAULT_METRICS that the runs logged, each followed by its per-modality versions (mixtures log
+    eval/<modality>/fd where single-modality runs log eval/fd)."""
+    chosen = []
+    for metric in DEFAULT_METRICS:
+        if metric in present:
+            chosen.append(metric)
+        depth = metric.count("/") + 1
+        chosen += sorted(m for m in present if m.count("/") == depth and without_modality(m) == metric)
+    return chosen
+
+
 @dataclass
 class GroupStats:
     group: str
@@ -218,7 +236,7 @@ def compare_runs(
     client = MlflowClient(tracking_uri=uri)
     runs = find_runs(client, experiment=experiment, parent_run_id=parent_run_id, filter_string=filter_string)
     present = set().union(*(r.data.metrics for r in runs))
-    chosen = [m for m in (metrics or DEFAULT_METRICS) if m in present] or sorted(present)[:6]
+    chosen = ([m for m in metrics if m in present] if metrics else default_metrics(present)) or sorted(present)[:6]
     groups = group_runs(runs, chosen)
     table = format_table(groups, chosen)
     title = f"comparison of {len(runs)} runs in {len(groups)} groups (mean ± 95% t-interval over seeds)"
@@ -229,7 +247,7 @@ def compare_runs(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "comparison.txt", f"{title}\n{table}\n")
     files = [out_dir / "comparison.txt", write_csv(groups, chosen, out_dir / "comparison.csv")]
-    plotted = sorted(m for m in present if m.startswith(PLOT_PREFIXES))
+    plotted = sorted(m for m in present if m.startswith(PLOT_PREFIXES) or without_modality(m).startswith(PLOT_PREFIXES))
     files += plot_histories(_histories(client, groups, plotted), out_dir / "plots")
 
     target = log_to_run

@@ -182,3 +182,14 @@ def test_data_parallel_wrapping_expects_a_mixtures_idle_modality_layers(tmp_path
             two_steps(DistributedDataParallel(module()))  # what plain wrapping would do
     finally:
         dist.destroy_process_group()
+
+
+def test_compare_shows_each_modalitys_metrics_by_default():
+    from selfflow.platform.compare import default_metrics, without_modality
+
+    present = {"loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow", "eval/audio/fd", "eval/image/fd",
+               "probe/image/linear/best", "probe/linear/block1/t0", "eval/audio/fd_data_floor"}
+    assert default_metrics(present) == ["loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow",
+                                        "eval/audio/fd", "eval/image/fd", "probe/image/linear/best"]
+    assert default_metrics({"eval/fd", "loss/flow"}) == ["loss/flow", "eval/fd"]  # single modality: as before
+    assert without_modality("eval/audio/fd") == "eval/fd" and without_modality("eval/fd") == "eval/fd"
