@@ -544,6 +544,9 @@ class EvalCallback:
                         trainer.config.steps, self.suite.min_steps)
         if not self.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
             return
+        self.evaluate(trainer)
+
+    def evaluate(self, trainer) -> None:
         self.suite.run(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
 
 

@@ -135,16 +135,20 @@ class Experiment:
         return [(name, self.view(name)) for name in self.modalities] or [("", self)]
 
 
+def factory_parameters(factory: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters a factory (class or function) or an instance's class is built with."""
+    target = factory if callable(factory) and not isinstance(factory, nn.Module) else type(factory)
+    try:
+        return inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
 def call_with_context(factory: Callable[..., Any] | Any, context: dict[str, Any], what: str) -> Any:
     """Call `factory` with the context arguments it accepts; instances pass through."""
     if not callable(factory) or isinstance(factory, nn.Module):
         return factory
-    target = factory
-    signature_source = getattr(target, "__init__", target) if inspect.isclass(target) else target
-    try:
-        parameters = inspect.signature(signature_source).parameters
-    except (TypeError, ValueError):
-        parameters = {}
+    parameters = factory_parameters(factory)
     accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     kwargs = {k: v for k, v in context.items() if accepts_all or k in parameters}
     try:
@@ -228,14 +232,13 @@ def mixture_parts(tokenizers: Mapping[str, Any], data: Any, backbone: Any, objec
     if list(data.names) != names:
         raise ConfigError(f"modalities differ: build_experiment.tokenizer has {names}, MixtureData.parts has "
                           f"{list(data.names)}")
-    target = backbone if inspect.isclass(backbone) else type(backbone)
-    if "layouts" not in inspect.signature(target.__init__).parameters:
+    if "layouts" not in factory_parameters(backbone):
         raise ConfigError(f"a mixture needs a backbone that takes per-modality layouts (build_experiment.backbone = "
-                          f"@MultiModalDiT), got {getattr(target, '__name__', target)}")
-    target = objective if inspect.isclass(objective) else type(objective)
-    single_layout = {"encoder_input", "num_tokens"} & set(inspect.signature(target.__init__).parameters)
+                          f"@MultiModalDiT), got {getattr(backbone, '__name__', type(backbone).__name__)}")
+    single_layout = {"encoder_input", "num_tokens"} & set(factory_parameters(objective))
     if single_layout:
-        raise ConfigError(f"{target.__name__} works on one token layout (it takes {', '.join(sorted(single_layout))}); "
+        name = getattr(objective, "__name__", type(objective).__name__)
+        raise ConfigError(f"{name} works on one token layout (it takes {', '.join(sorted(single_layout))}); "
                           f"a mixture has one per modality ({', '.join(names)})")
     if isinstance(evaluation, Mapping):
         if sorted(evaluation) != names:

@@ -17,13 +17,13 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from selfflow.platform.errors import ConfigError
+from selfflow.platform.evaluation import EvalCallback
 
 
 def _weights(names: tuple[str, ...], weights: Mapping[str, float] | None) -> torch.Tensor:
     if weights is None:
         return torch.full((len(names),), 1.0 / len(names), dtype=torch.float64)
-    unknown = sorted(set(weights) - set(names))
-    if unknown or set(weights) != set(names):
+    if set(weights) != set(names):
         raise ConfigError(f"MixtureData.weights must give a weight to each of {list(names)}, got {sorted(weights)}")
     values = [weights[name] for name in names]
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values) \
@@ -145,25 +145,19 @@ class ModalityEvaluation:
 
 
 def run_suite(suite, modality: str, experiment, model, step: int, tracker, run_dir) -> dict[str, float]:
-    """One modality's suite on its view; its files in <run_dir>/eval/<modality>, its evaluators
-    cached where a single-modality run's are."""
-    if getattr(suite, "cache_dir", None) is None:
-        suite.cache_dir = str(suite.resolve_cache_dir(run_dir))
+    """One modality's suite on its view; its files in <run_dir>/eval/<modality> (its evaluators are
+    cached by run_dir, where a single-modality run's are)."""
     return suite.run(experiment.view(modality), model, step, tracker, run_dir,
                      out_dir=Path(run_dir) / "eval" / modality)
 
 
-class ModalityEvalCallback:
-    """Trainer callback: rank 0 evaluates one modality's view on its suite's cadence."""
+class ModalityEvalCallback(EvalCallback):
+    """EvalCallback (rank 0, the suite's cadence) that evaluates one modality's view."""
 
     def __init__(self, modality: str, suite):
-        from selfflow.platform.evaluation import EvalCallback
+        super().__init__(suite)
+        self.modality = modality
 
-        self.modality, self.suite = modality, suite
-        self.schedule = EvalCallback(suite)
-
-    def on_step_end(self, trainer, logs) -> None:
-        if trainer.rank != 0 or not self.schedule.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
-            return
+    def evaluate(self, trainer) -> None:
         run_suite(self.suite, self.modality, trainer.experiment, trainer.eval_model, trainer.step,
                   PrefixedTracker(trainer.tracker, self.modality), trainer.run_dir)
