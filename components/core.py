@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -63,3 +64,12 @@ class LossTerms:
         if missing:
             raise ValueError(f"loss terms without a weight: {sorted(missing)}")
         return sum(self.weights[name] * value for name, value in self.terms.items())
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: the device of its first parameter or buffer (the CPU if it has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")

@@ -38,6 +38,7 @@ from torch import nn
 from selfflow.components.files import write_text_atomic
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform import config as gin_config
+from selfflow.platform.devices import parse_device, resolve_device
 from selfflow.platform.errors import ConfigError, TrainingError, UserError
 from selfflow.platform.experiment import Experiment, build_from_gin
 from selfflow.platform.trainer import Trainer
@@ -198,7 +199,7 @@ class DistributedTrainer(Trainer):
             return local
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if local else 0.0])
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -215,7 +216,7 @@ def parameter_fingerprint(module: nn.Module) -> list[float]:
     """Per tensor, a float64 position-weighted sum: equal parameters give equal numbers."""
     values = []
     for tensor in module.state_dict().values():
-        flat = tensor.detach().double().flatten()
+        flat = tensor.detach().cpu().double().flatten()
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(7).add_(1)
         values.append(float((flat * weights).sum()))
     return values
@@ -314,8 +315,10 @@ def run_worker(
     report: ReportFn | None = None,
     framework_checkpoint=None,
     wrap_module: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Train this worker's part: the code path shared by Ray Train workers and Tune trials."""
+    """Train this worker's part: the code path shared by Ray Train workers and Tune trials.
+    `device`: Ray Train's choice for this worker; None for a Tune trial (see worker_device)."""
     from selfflow.platform.run import standard_callbacks
     from selfflow.platform.tracking import MLflowTracker, NullTracker
 
@@ -323,6 +326,7 @@ def run_worker(
         os.chdir(job.cwd)  # relative paths in gin files (data/, runs/) mean the driver's folder
     experiment = rebuild_experiment(job.config_str, job.overrides)
     config = experiment.train
+    device = device if device is not None else worker_device(job.use_gpu, config.device)
     if not config.num_threads:
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     run_dir = Path(job.run_dir)
@@ -344,7 +348,7 @@ def run_worker(
     status = "FAILED"
     try:
         trainer = DistributedTrainer(experiment, data, run_dir, tracker=tracker, callbacks=callbacks, rank=rank,
-                                     world_size=world_size, wrap_module=wrap_module, progress=False)
+                                     world_size=world_size, wrap_module=wrap_module, progress=False, device=device)
         trainer.mlflow_run_id = tracker.run_id
         if state is not None:
             trainer.load_state_dict(state, source=source)
@@ -358,18 +362,27 @@ def run_worker(
         tracker.finish(status)
 
 
-def ddp_wrapper(use_gpu: bool) -> Callable[[nn.Module], nn.Module]:
+def worker_device(use_gpu: bool, configured: str) -> torch.device:
+    """A Ray worker's device: Ray reserves GPUs (--gpus-per-worker) and makes only the reserved ones
+    visible, so a worker with one trains on CUDA and a worker without one on the CPU."""
+    if use_gpu:
+        return resolve_device("cuda")
+    named = parse_device(configured)
+    if named is not None and named.type != "cpu":
+        raise ConfigError(f"TrainConfig.device is {configured!r} but the Ray workers reserve no GPU: "
+                          f"pass --gpus-per-worker, or use 'auto' or 'cpu'")
+    return torch.device("cpu")
+
+
+def ddp_wrapper() -> Callable[[nn.Module], nn.Module]:
     def wrap(module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         # A mixture's step trains one modality: the other modalities' input and output layers get no
         # gradient that step, which DDP must be told to expect.
         options = {"find_unused_parameters": bool(getattr(module.model, "modalities", ()))}
-        if use_gpu:
-            import ray.train.torch
-
-            device = ray.train.torch.get_device()
-            module.to(device)
+        device = next(module.parameters()).device  # the Trainer has placed the module already
+        if device.type == "cuda":
             return DistributedDataParallel(module, device_ids=[device], **options)
         return DistributedDataParallel(module, **options)
 
@@ -384,11 +397,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     try:
+        if job.use_gpu:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()  # this worker's GPU among those visible on its node
+        else:
+            device = None
         run_worker(
             job, rank, world_size,
             report=report_with_checkpoint(ray.train.report, ray.train.Checkpoint),
             framework_checkpoint=ray.train.get_checkpoint(),
-            wrap_module=ddp_wrapper(job.use_gpu) if world_size > 1 or job.use_gpu else None,
+            wrap_module=ddp_wrapper() if world_size > 1 else None,
+            device=device,
         )
     except Exception as error:
         raise plain_error(error) from None

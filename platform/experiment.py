@@ -15,6 +15,7 @@ import gin
 import torch
 from torch import nn
 
+from selfflow.platform.devices import parse_device
 from selfflow.platform.errors import ConfigError, UserError
 
 
@@ -36,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = False
+    device: str = "auto"  # 'auto' (a CUDA GPU if visible, else the CPU), 'cpu', 'cuda', 'cuda:1'; platform/devices.py
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
@@ -65,6 +67,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.keep_best_mode not in ("min", "max"):
             raise ConfigError(f"TrainConfig.keep_best_mode must be 'min' or 'max', got {self.keep_best_mode!r}")
+        parse_device(self.device)  # the name only: whether it exists is checked where training starts
         if self.nan_policy not in ("raise", "skip"):
             raise ConfigError(f"TrainConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from selfflow.components.audio import unit_mono
+from selfflow.components.core import module_device
 from selfflow.components.files import atomic_path
 from selfflow.components.samplers.grids import time_grid
 from selfflow.components.samplers.guidance import classifier_free_guidance
@@ -36,12 +37,18 @@ def generate(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sample raw data (decoded) for the given labels (or unconditionally)."""
+    """Sample raw data (decoded, on the CPU) for the given labels (or unconditionally).
+
+    Integration runs on the model's device; the noise (and an SDE's noise) is drawn on the
+    generator's, so a CPU generator gives the same samples on any device up to arithmetic.
+    """
     was_training = model.training
     model.eval()
+    device = module_device(model)
     count = labels.shape[0] if labels is not None else int(num_samples or 1)
+    labels = labels.to(device) if labels is not None else None
     generator = generator or torch.Generator().manual_seed(config.seed)
-    noise = torch.randn((count, *tokenizer.token_shape), generator=generator)
+    noise = torch.randn((count, *tokenizer.token_shape), generator=generator, device=generator.device).to(device)
     grid = time_grid(config.steps, shift=config.shift)
     base = model_velocity(model)
     num_classes = int(getattr(model, "num_classes", 0))
@@ -54,7 +61,7 @@ def generate(
     sampler = config.sampler or EulerSampler()
     tokens = sampler(velocity, noise, grid, generator=generator)
     model.train(was_training)
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(tokens).cpu()
 
 
 def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:

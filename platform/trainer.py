@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -19,7 +20,8 @@ from selfflow.components.core import Batch, LossTerms
 from selfflow.components.ema import EMA
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform.allocator import tune_allocator
-from selfflow.platform.errors import TrainingError
+from selfflow.platform.devices import resolve_device
+from selfflow.platform.errors import TrainingError, UserError
 from selfflow.platform.experiment import Experiment
 from selfflow.platform.tracking import NullTracker, Tracker
 
@@ -34,6 +36,13 @@ class TrainingModule(nn.Module):
 
     def forward(self, batch: Batch, teacher: nn.Module | None, generator: torch.Generator) -> LossTerms:
         return self.objective(batch, self.model, teacher, generator)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Class labels must lie in [0, num_classes] (num_classes is the null class)."""
+    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        bad = labels[(labels < 0) | (labels > num_classes)][0].item()
+        raise UserError(f"batch label {bad} out of range [0, {num_classes}] (null class is {num_classes})")
 
 
 class Callback(Protocol):
@@ -108,6 +117,7 @@ class Trainer:
         world_size: int = 1,
         wrap_module=None,
         progress: bool = True,
+        device: torch.device | str | None = None,
     ):
         self.experiment = experiment
         self.config = experiment.train
@@ -121,8 +131,10 @@ class Trainer:
 
         tune_allocator()  # keep freed activation memory: ~7-9% per step here (platform/allocator.py)
         torch.manual_seed(self.config.seed)
-        self.module = TrainingModule(experiment.model, experiment.objective)
-        self.ema = EMA(experiment.model, decay=self.config.ema_decay)
+        # Ray Train passes its worker's device; otherwise TrainConfig.device decides.
+        self.device = torch.device(device) if device is not None else resolve_device(self.config.device)
+        self.module = TrainingModule(experiment.model, experiment.objective).to(self.device)
+        self.ema = EMA(experiment.model, decay=self.config.ema_decay)  # a copy: on the same device
         # DDP (or anything else) wraps the training module; the EMA tracks the bare backbone.
         self.step_module = wrap_module(self.module) if wrap_module else self.module
         trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -133,6 +145,8 @@ class Trainer:
             self.optimizer,
             lr_factor(self.config.warmup_steps, self.config.steps, self.config.lr_decay, self.config.final_lr_fraction),
         )
+        # On the CPU whatever the device: components draw on the generator's device and move the
+        # draws, so a run's random stream does not depend on where it trains.
         self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + rank)
         self.step = 0
         self.skipped = 0
@@ -153,15 +167,21 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def make_batch(self, raw: dict[str, torch.Tensor]) -> Batch:
+        """Raw data moved to the training device, then tokenized there (tokenizers return tokens on
+        their input's device)."""
         modality = raw.get("modality")
-        x0 = self.experiment.tokenizer_for(modality).encode(raw["x"])
         cond = raw.get("y") if self.experiment.num_classes > 0 else None
+        if cond is not None and self.device.type != "cpu":
+            check_labels(cond, self.experiment.num_classes)  # on the host: the embedder checks CPU labels only
+            cond = cond.to(self.device, non_blocking=True)
+        x0 = self.experiment.tokenizer_for(modality).encode(raw["x"].to(self.device, non_blocking=True))
         return Batch(x0=x0, cond=cond, modality=modality)
 
     def train_step(self, raw: dict[str, torch.Tensor]) -> dict[str, float]:
         self.step_module.train()
         batch = self.make_batch(raw)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        precision = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.bf16 else nullcontext()
+        with precision:
             out: LossTerms = self.step_module(batch, self.ema.model, self.generator)
         loss = out.total()
         bad = [name for name, value in out.terms.items() if not torch.isfinite(value.detach()).all()]

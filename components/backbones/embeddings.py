@@ -90,7 +90,9 @@ class LabelEmbedder(nn.Module):
             raise ValueError(
                 f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} dtype {labels.dtype}"
             )
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+        # The value check reads the labels on the host: done for CPU tensors only, because on an
+        # accelerator it would stall every forward (the trainer checks raw labels before moving them).
+        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
             bad = labels[(labels < 0) | (labels > self.num_classes)][0].item()
             raise ValueError(
                 f"label {bad} out of range [0, {self.num_classes}] (null class is {self.num_classes})"

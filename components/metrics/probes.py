@@ -17,6 +17,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from selfflow.components.core import module_device
 from selfflow.components.paths.linear import LinearPath
 
 
@@ -29,7 +30,8 @@ def pooled_hidden_states(
     generator: torch.Generator,
     batch_size: int = 512,
 ) -> dict[int, torch.Tensor]:
-    """block -> (M, D) token-mean of that block's output on x_t at level `level`."""
+    """block -> (M, D) token-mean of that block's output on x_t at level `level`, on the CPU
+    (each batch runs on the model's device; eps is drawn on the generator's)."""
     if not 0.0 <= float(level) <= 1.0:
         raise ValueError(f"noise level must lie in [0, 1], got {level}")
     if not blocks:
@@ -40,9 +42,10 @@ def pooled_hidden_states(
     num_classes = int(getattr(model, "num_classes", 0))
     pooled: dict[int, list[torch.Tensor]] = {block: [] for block in blocks}
     last = max(blocks)
+    device = module_device(model)
     for start in range(0, tokens.shape[0], batch_size):
-        x0 = tokens[start:start + batch_size].float()
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x0 = tokens[start:start + batch_size].to(device).float()
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
         t = torch.full((x0.shape[0],), float(level), device=x0.device)
         cond = torch.full((x0.shape[0],), num_classes, dtype=torch.long, device=x0.device) if num_classes else None
         out = model(path.interpolate(x0, eps, t), t, cond, return_layers=tuple(blocks), stop_at=last)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selfflow.components.core import module_device
 from selfflow.components.paths.linear import LinearPath
 
 
@@ -70,7 +71,8 @@ def stratified_flow_loss(
 
     cond: (M,) labels for a class-conditional model (the conditional loss, no
     label dropout), or None. Draw order from `generator`, per bucket and draw:
-    t (M,), then eps (M, N, P).
+    t (M,), then eps (M, N, P), on the generator's device. Each batch runs on the
+    model's device; the result is on the CPU.
     """
     if draws_per_bucket < 1:
         raise ValueError(f"draws_per_bucket must be >= 1, got {draws_per_bucket}")
@@ -78,19 +80,21 @@ def stratified_flow_loss(
     path = LinearPath()
     was_training = model.training
     model.eval()
+    device = module_device(model)
     all_t, all_losses = [], []
     for bucket in range(num_buckets):
         low, width = float(edges[bucket]), float(edges[bucket + 1] - edges[bucket])
         for _ in range(draws_per_bucket):
-            t = low + width * torch.rand(tokens.shape[0], generator=generator)
-            eps = torch.randn(tokens.shape, generator=generator)
+            t = low + width * torch.rand(tokens.shape[0], generator=generator, device=generator.device)
+            eps = torch.randn(tokens.shape, generator=generator, device=generator.device)
             for start in range(0, tokens.shape[0], batch_size):
                 stop = start + batch_size
-                x0, noise, level = tokens[start:stop].float(), eps[start:stop], t[start:stop]
-                labels = cond[start:stop] if cond is not None else None
+                x0 = tokens[start:stop].to(device).float()
+                noise, level = eps[start:stop].to(device), t[start:stop].to(device)
+                labels = cond[start:stop].to(device) if cond is not None else None
                 velocity = model(path.interpolate(x0, noise, level), level, labels).velocity
                 target = path.velocity_target(x0, noise)
                 all_losses.append((velocity.float() - target).square().flatten(1).mean(dim=1).cpu())
-            all_t.append(t)
+            all_t.append(t.cpu())
     model.train(was_training)
     return bucketize_losses(torch.cat(all_t), torch.cat(all_losses), num_buckets)

@@ -83,7 +83,8 @@ class EulerMaruyamaSampler(GridSampler):
         x_mean = x + dt * (v + self.diffusion_scale * eps_hat)
         if is_last and self.last_step == "drift":
             return x_mean
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # Drawn on the generator's device, then moved: a CPU generator drives a GPU run too.
+        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
         return x_mean + math.sqrt(2.0 * self.diffusion_scale * t * -dt) * z
 
     def __repr__(self) -> str:

@@ -39,7 +39,7 @@ def _worker(rank: int, world_size: int, port: int, config_str: str, out_dir: str
     try:
         experiment = rebuild_experiment(config_str)
         trainer = DistributedTrainer(experiment, iter(()), Path(out_dir) / f"rank{rank}", rank=rank,
-                                     world_size=world_size, wrap_module=ddp_wrapper(use_gpu=False), progress=False)
+                                     world_size=world_size, wrap_module=ddp_wrapper(), progress=False)
         generator = torch.Generator().manual_seed(rank)
         x = torch.randn(8, 1, 8, 8, generator=generator)
         y = torch.randint(0, 10, (8,), generator=generator)

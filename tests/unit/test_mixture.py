@@ -175,7 +175,7 @@ def test_data_parallel_wrapping_expects_a_mixtures_idle_modality_layers(tmp_path
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        two_steps(ddp_wrapper(use_gpu=False)(module()))
+        two_steps(ddp_wrapper()(module()))
         from torch.nn.parallel import DistributedDataParallel
 
         with pytest.raises(RuntimeError, match="finished reduction"):
