@@ -3,8 +3,10 @@
 A mixture experiment binds, per modality name, a dataset (`MixtureData.parts`), a tokenizer
 (`build_experiment.tokenizer = {'image': ..., 'audio': ...}`) and, optionally, an evaluation
 suite (`build_experiment.evaluation = {...}`); the backbone is a MultiModalDiT built from the
-tokenizers' layouts. Each training step draws one modality (weights `MixtureData.weights`, a
-seeded draw that every rank repeats identically) and trains on a batch of it. Everything that
+tokenizers' layouts. `MixtureData.per_step` picks how steps use the modalities: 'one' (default)
+draws one modality per step (weights `MixtureData.weights`, a seeded draw that every rank repeats
+identically) and trains on a batch of it; 'all' trains every step on one batch of each modality,
+on the `weights`-weighted mean of their losses (one backward, one optimizer step). Everything that
 works on one modality (evaluation, sample grids, `selfflow eval`/`sample`) runs per modality on
 `Experiment.view(name)`: the same model seen with that modality's tokenizer and data.
 """
@@ -18,6 +20,9 @@ import torch
 
 from selfflow.platform.errors import ConfigError
 from selfflow.platform.evaluation import EvalCallback
+
+
+PER_STEP = ("one", "all")
 
 
 def _weights(names: tuple[str, ...], weights: Mapping[str, float] | None) -> torch.Tensor:
@@ -37,15 +42,19 @@ class MixtureData:
     """Several datasets, one per modality name, trained on together.
 
     parts: {modality name: a data source (ShardData)}; names sort into the mixture's order.
-    weights: {name: weight}, the probability of drawing each modality for a step (normalised);
-        None = equal.
+    weights: {name: weight}, normalised to sum to 1; None = equal. per_step 'one': the probability
+        of drawing each modality for a step; 'all': each modality's weight in the step's loss.
+    per_step: 'one' (a batch of one drawn modality per step) or 'all' (a batch of every modality).
     All parts must have the same number of classes: the label embedding is shared (class c of
     every modality is the same word or digit).
     """
 
-    def __init__(self, parts: Mapping[str, Any], weights: Mapping[str, float] | None = None):
+    def __init__(self, parts: Mapping[str, Any], weights: Mapping[str, float] | None = None, per_step: str = "one"):
         if not isinstance(parts, Mapping) or len(parts) < 1:
             raise ConfigError(f"MixtureData.parts must map modality names to datasets, got {parts!r}")
+        if per_step not in PER_STEP:
+            raise ConfigError(f"MixtureData.per_step must be one of {', '.join(PER_STEP)}, got {per_step!r}")
+        self.per_step = per_step
         self.parts = {name: parts[name] for name in sorted(parts)}
         self.names = tuple(self.parts)
         self.probabilities = _weights(self.names, weights)
@@ -59,7 +68,45 @@ class MixtureData:
     def loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> "MixtureLoader":
         loaders = {name: part.loader(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
                    for name, part in self.parts.items()}
+        if self.per_step == "all":
+            return JointLoader(loaders, self.probabilities)
         return MixtureLoader(loaders, self.probabilities, seed)
+
+
+class JointLoader:
+    """Infinite steps {'parts': [one batch per modality, each with its 'modality'], 'weights': [...]},
+    in the mixture's name order. The trainer trains on their weighted loss in one step. Resumable:
+    state_dict holds every part's position (in the same layout as MixtureLoader's)."""
+
+    def __init__(self, loaders: Mapping[str, Iterator], weights: torch.Tensor):
+        self.loaders = dict(loaders)
+        self.names = tuple(self.loaders)
+        if weights.shape != (len(self.names),):
+            raise ValueError(f"need one weight per part ({len(self.names)}), got {tuple(weights.shape)}")
+        self.weights = [float(w) for w in weights]
+
+    def __iter__(self) -> "JointLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        parts = [dict(next(self.loaders[name]), modality=name) for name in self.names]
+        return {"parts": parts, "weights": list(self.weights)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": {name: loader.state_dict() if hasattr(loader, "state_dict") else {}
+                          for name, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_part_positions(self.loaders, state)
+
+
+def load_part_positions(loaders: Mapping[str, Iterator], state: Mapping[str, Any]) -> None:
+    if set(state.get("parts", {})) != set(loaders):
+        raise ValueError(f"checkpoint data position names parts {sorted(state.get('parts', {}))}, "
+                         f"this mixture has {list(loaders)}")
+    for name, loader in loaders.items():
+        if state["parts"][name] and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["parts"][name])
 
 
 class MixtureLoader:
@@ -94,13 +141,11 @@ class MixtureLoader:
                           for name, loader in self.loaders.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state.get("parts", {})) != set(self.names):
-            raise ValueError(f"checkpoint data position names parts {sorted(state.get('parts', {}))}, "
-                             f"this mixture has {list(self.names)}")
+        if "draws" not in state:
+            raise ValueError("checkpoint data position has no modality draw state: it was written with "
+                             "MixtureData.per_step = 'all'")
+        load_part_positions(self.loaders, state)
         self.generator.set_state(state["draws"])
-        for name, loader in self.loaders.items():
-            if state["parts"][name] and hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(state["parts"][name])
 
 
 class PrefixedTracker:

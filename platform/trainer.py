@@ -27,15 +27,36 @@ from selfflow.platform.tracking import NullTracker, Tracker
 
 
 class TrainingModule(nn.Module):
-    """Backbone + objective in one module, so DDP all-reduces the heads' gradients too."""
+    """Backbone + objective in one module, so DDP all-reduces the heads' gradients too.
+
+    A list of batches (a joint mixture step) gives one LossTerms per batch, drawn in order from
+    the one generator: inside one forward call, because DDP expects one forward per backward."""
 
     def __init__(self, model: nn.Module, objective: nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: Batch, teacher: nn.Module | None, generator: torch.Generator) -> LossTerms:
+    def forward(self, batch: Batch | list[Batch], teacher: nn.Module | None,
+                generator: torch.Generator) -> LossTerms | list[LossTerms]:
+        if isinstance(batch, list):
+            return [self.objective(part, self.model, teacher, generator) for part in batch]
         return self.objective(batch, self.model, teacher, generator)
+
+
+def step_logs(batches: list[Batch], outs: list[LossTerms], weights: list[float]) -> dict[str, float]:
+    """loss/<term> and diag/<name>: the weighted sum over the step's batches (one batch: its values);
+    a mixture's batches also log loss/<modality>/<term> and diag/<modality>/<name>."""
+    logs: dict[str, float] = {}
+    for batch, out, weight in zip(batches, outs, weights):
+        values = {f"loss/{name}": float(value.detach()) for name, value in out.terms.items()}
+        values.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
+        for key, value in values.items():
+            logs[key] = logs.get(key, 0.0) + weight * value if len(outs) > 1 else value
+        if batch.modality is not None:  # a mixture: each modality's terms and diagnostics also on their own
+            logs.update({f"{key.split('/', 1)[0]}/{batch.modality}/{key.split('/', 1)[1]}": value
+                         for key, value in values.items()})
+    return logs
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -177,14 +198,20 @@ class Trainer:
         x0 = self.experiment.tokenizer_for(modality).encode(raw["x"].to(self.device, non_blocking=True))
         return Batch(x0=x0, cond=cond, modality=modality)
 
-    def train_step(self, raw: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, raw: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on a batch, or on a joint mixture step {'parts': [batch per modality],
+        'weights': [...]} whose loss is the weighted sum of the parts' losses (platform/mixture.py)."""
         self.step_module.train()
-        batch = self.make_batch(raw)
+        joint = "parts" in raw
+        batches = [self.make_batch(part) for part in raw["parts"]] if joint else [self.make_batch(raw)]
         precision = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.bf16 else nullcontext()
         with precision:
-            out: LossTerms = self.step_module(batch, self.ema.model, self.generator)
-        loss = out.total()
-        bad = [name for name, value in out.terms.items() if not torch.isfinite(value.detach()).all()]
+            outs: list[LossTerms] = self.step_module(batches, self.ema.model, self.generator) if joint else \
+                [self.step_module(batches[0], self.ema.model, self.generator)]
+        weights = [float(w) for w in raw["weights"]] if joint else [1.0]
+        loss = sum(w * out.total() for w, out in zip(weights, outs)) if joint else outs[0].total()
+        bad = [f"{batch.modality}/{name}" if joint else name for batch, out in zip(batches, outs)
+               for name, value in out.terms.items() if not torch.isfinite(value.detach()).all()]
         if self.any_rank_non_finite(bool(bad)):
             return self._non_finite(f"loss term '{bad[0]}'" if bad else "loss term on another rank")
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,13 +232,9 @@ class Trainer:
         self.optimizer.step()
         self.lr_schedule.step()
         self.ema.update(self.module.model)
-        logs = {f"loss/{name}": float(value.detach()) for name, value in out.terms.items()}
+        logs = step_logs(batches, outs, weights)
         logs["loss/total"] = float(loss.detach())
-        logs.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
         logs["train/grad_norm"] = float(grad_norm)
-        if batch.modality is not None:  # a mixture: each modality's terms and diagnostics also on their own
-            logs.update({f"loss/{batch.modality}/{name}": float(value.detach()) for name, value in out.terms.items()})
-            logs.update({f"diag/{batch.modality}/{name}": float(value) for name, value in out.diagnostics.items()})
         return logs
 
     def any_rank_non_finite(self, local: bool) -> bool:
@@ -240,12 +263,12 @@ class Trainer:
 
             bar = tqdm(total=config.steps, initial=self.step, desc=self.experiment.name, dynamic_ncols=True)
         last: dict[str, float] = {}
-        tick, ticked_steps = time.perf_counter(), 0
+        tick, ticked_batches = time.perf_counter(), 0
         while self.step < config.steps:
             raw = next(self.data)
             logs = self.train_step(raw)
             self.step += 1
-            ticked_steps += 1
+            ticked_batches += len(raw["parts"]) if "parts" in raw else 1  # a joint mixture step: several
             if logs:
                 self.running.add(logs)
             if self.step % config.log_every == 0 or self.step == config.steps:
@@ -254,10 +277,11 @@ class Trainer:
                 metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
                 if config.nan_policy == "skip":
                     metrics["train/skipped_batches"] = float(self.skipped)
-                metrics["train/samples_per_s"] = ticked_steps * config.batch_size * self.world_size / max(elapsed, 1e-9)
+                samples = ticked_batches * config.batch_size * self.world_size
+                metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
                 self.tracker.log_metrics(metrics, step=self.step)
                 last = metrics
-                tick, ticked_steps = time.perf_counter(), 0
+                tick, ticked_batches = time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
                                     sps=f"{metrics['train/samples_per_s']:.0f}")

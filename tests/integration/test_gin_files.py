@@ -50,7 +50,7 @@ def files_for(path: Path) -> list[str]:
     if is_experiment(path):
         return [str(path)]
     stem = path.stem
-    if "multimodal" in stem or "parts" in path.relative_to(EXPERIMENTS_DIR).parts:  # mixture pieces
+    if "multimodal" in stem or "mixtures" in path.relative_to(EXPERIMENTS_DIR).parts:  # mixture pieces
         context = ["mixtures/all_three/fm.gin"]
     elif "encodec" in stem or "24k" in stem:  # EnCodec pieces: built in the 24 kHz EnCodec context
         context = ["audio/encodec_selfflow.gin"]

@@ -90,3 +90,54 @@ def test_a_resumed_mixture_run_continues_the_same_curve(in_tmp, spoken_digits_ro
     assert {k: v for k, v in straight.final_metrics.items() if k not in timing} == \
         {k: v for k, v in resumed.final_metrics.items() if k not in timing}
     assert {"loss/audio/flow", "loss/image/flow"} <= set(straight.final_metrics)
+
+
+def test_a_joint_step_trains_on_the_weighted_sum_of_every_modalitys_loss(in_tmp, spoken_digits_root):
+    """MixtureData.per_step = 'all': the step's loss is w_audio L_audio + w_image L_image, each computed
+    as the objective computes it alone, in name order from the one generator; its gradient is that
+    sum's (re-derived here on a copy of the model), and each modality logs its own terms."""
+    import copy
+
+    from torch import nn
+
+    from selfflow.platform import config
+    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.trainer import Trainer
+
+    (in_tmp / "data" / "spoken_digits").symlink_to(spoken_digits_root)
+    config.parse(["mixtures/digits_speech/selfflow.gin"],
+                 ["build_experiment.evaluation = None", "TrainConfig.batch_size = 8", "TrainConfig.warmup_steps = 0",
+                  "MixtureData.per_step = 'all'", "MixtureData.weights = {'image': 3.0, 'audio': 1.0}"])
+    experiment = build_from_gin()
+    loader = experiment.data.loader(batch_size=8, seed=0)
+    trainer = Trainer(experiment, loader, in_tmp / "run", progress=False)
+    raw = next(loader)
+    assert [part["modality"] for part in raw["parts"]] == ["audio", "image"] and raw["weights"] == [0.25, 0.75]
+
+    reference = copy.deepcopy(trainer.module)
+    teacher = copy.deepcopy(trainer.ema.model)
+    generator = torch.Generator()
+    generator.set_state(trainer.generator.get_state())
+    outs = [reference(trainer.make_batch(part), teacher, generator) for part in raw["parts"]]
+    expected = 0.25 * outs[0].total() + 0.75 * outs[1].total()
+    expected.backward()
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    nn.utils.clip_grad_norm_(trainable, experiment.train.grad_clip)
+
+    logs = trainer.train_step(raw)
+    assert math.isclose(logs["loss/total"], float(expected.detach()), rel_tol=1e-6)
+    for name in ("flow", "rep"):
+        by_modality = [float(out.terms[name].detach()) for out in outs]
+        assert math.isclose(logs[f"loss/audio/{name}"], by_modality[0], rel_tol=1e-6)
+        assert math.isclose(logs[f"loss/image/{name}"], by_modality[1], rel_tol=1e-6)
+        assert math.isclose(logs[f"loss/{name}"], 0.25 * by_modality[0] + 0.75 * by_modality[1], rel_tol=1e-6)
+    assert abs(logs["diag/audio/masked_fraction"] - 0.5) < 0.1 and abs(logs["diag/image/masked_fraction"] - 0.25) < 0.1
+    for (name, mine), theirs in zip(trainer.module.named_parameters(), reference.parameters()):
+        if theirs.grad is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Both modalities' token layers trained in this one step.
+    for layer in ("input_projections", "final_layers"):
+        for modality in ("audio", "image"):
+            grads = [p.grad for n, p in trainer.module.model.named_parameters() if n.startswith(f"{layer}.{modality}")]
+            assert grads and all(g is not None for g in grads), (layer, modality)
+            assert any(g.abs().sum() > 0 for g in grads), (layer, modality)  # adaLN-Zero leaves some at 0

@@ -78,6 +78,26 @@ def test_resuming_continues_the_same_sequence():
         MixtureData({"image": FakePart(0)}).loader(4, 1).load_state_dict(state)
 
 
+def test_a_joint_step_takes_one_batch_of_every_modality_with_its_loss_weight():
+    data = MixtureData({"image": FakePart(0), "audio": FakePart(1)}, weights={"image": 3.0, "audio": 1.0},
+                       per_step="all")
+    loader = data.loader(batch_size=4, seed=5)
+    steps = [next(loader) for _ in range(5)]
+    for number, step in enumerate(steps, start=1):
+        assert [part["modality"] for part in step["parts"]] == ["audio", "image"]  # the mixture's name order
+        assert [part["x"].tolist() for part in step["parts"]] == [[1, number], [0, number]]
+        assert step["weights"] == [0.25, 0.75]
+    state = loader.state_dict()
+    after = [[part["x"].tolist() for part in next(loader)["parts"]] for _ in range(3)]
+    resumed = data.loader(batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    assert [[part["x"].tolist() for part in next(resumed)["parts"]] for _ in range(3)] == after
+    with pytest.raises(ValueError, match="written with MixtureData.per_step = 'all'"):
+        MixtureData({"image": FakePart(0), "audio": FakePart(1)}).loader(4, 5).load_state_dict(state)
+    with pytest.raises(ConfigError, match="MixtureData.per_step must be one of one, all, got 'both'"):
+        MixtureData({"image": FakePart(0)}, per_step="both")
+
+
 def test_mixture_data_refuses_bad_weights_and_class_counts():
     parts = {"image": FakePart(0), "audio": FakePart(1)}
     with pytest.raises(ConfigError, match="a weight to each of"):
