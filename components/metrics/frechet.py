@@ -67,3 +67,33 @@ class FrechetDistance:
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FD between two (M, D) and (K, D) feature sets (symmetric)."""
     return FrechetDistance(features_a)(features_b)
+
+
+def frechet_distance_infinity(distance: FrechetDistance, candidates: torch.Tensor, generator: torch.Generator,
+                              num_sizes: int = 10, smallest_fraction: float = 0.25) -> tuple[float, float]:
+    """(FD_inf, slope): the FD of infinitely many candidates, extrapolated (Chong & Forsyth, 2020).
+
+    FD of K candidates is biased upward by about slope / K, and the slope depends on the candidates'
+    own covariance, so two samplers compared at a small K can swap order. The FD of random subsets
+    (drawn from `generator`) of `num_sizes` sizes, evenly spaced in 1 / K between smallest_fraction * M
+    and all M candidates, is fitted by least squares as FD(K) = FD_inf + slope / K. The reference set
+    stays whole: its own finite-sample bias is the same for every candidate set.
+    Written here because torchmetrics has no FD extrapolation.
+    """
+    candidates = check_features(candidates, "candidate features", distance.num_features)
+    total = candidates.shape[0]
+    if num_sizes < 2 or not 0.0 < smallest_fraction < 1.0:
+        raise ValueError(f"need num_sizes >= 2 and 0 < smallest_fraction < 1, got {num_sizes}, {smallest_fraction}")
+    smallest = max(2, int(round(smallest_fraction * total)))
+    inverse = torch.linspace(1.0 / smallest, 1.0 / total, num_sizes, dtype=torch.float64)
+    sizes = sorted({int(round(1.0 / value)) for value in inverse.tolist()})
+    if len(sizes) < 2:
+        raise ValueError(f"{total} candidates are too few to extrapolate the FD")
+    values = []
+    for size in sizes:
+        subset = torch.randperm(total, generator=generator)[:size] if size < total else torch.arange(total)
+        values.append(distance(candidates[subset]))
+    design = torch.stack([torch.ones(len(sizes), dtype=torch.float64),
+                          1.0 / torch.tensor(sizes, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, torch.tensor(values, dtype=torch.float64)[:, None]).solution
+    return float(solution[0, 0]), float(solution[1, 0])
