@@ -211,13 +211,14 @@ class Scorer:
     def fd(self, sampler, grid: torch.Tensor) -> float:
         return self.context.reference(self.features(sampler, grid))
 
-    def fd_and_infinity(self, sampler, grid: torch.Tensor) -> tuple[float, float]:
-        """(FD of the set, FD_inf extrapolated from its subsets; subsets drawn from a fixed seed)."""
+    def fd_and_infinity(self, sampler, grid: torch.Tensor) -> tuple[float, float, float]:
+        """(FD of the set, FD_inf extrapolated from its subsets (drawn from a fixed seed), the bias slope:
+        FD of N samples ~ FD_inf + slope / N)."""
         from selfflow.components.metrics.frechet import frechet_distance_infinity
 
         features = self.features(sampler, grid)
-        fd_inf, _ = frechet_distance_infinity(self.context.reference, features, torch.Generator().manual_seed(0))
-        return self.context.reference(features), fd_inf
+        fd_inf, slope = frechet_distance_infinity(self.context.reference, features, torch.Generator().manual_seed(0))
+        return self.context.reference(features), fd_inf, slope
 
 
 def reference_sampler():
@@ -231,28 +232,31 @@ def reference_fd(scorer: Scorer) -> float:
 
 
 def heun_sample_set(ctx: BenchContext, scorer: Scorer, heun: list[SamplerSpec], budgets: list[int], steps: int):
-    """One target sample set: ((reference FD, {Heun spec: {budget: FD}}), the same with FD_inf)."""
-    reference, reference_inf = scorer.fd_and_infinity(*reference_sampler())
+    """One target sample set: ((reference FD, {Heun spec: {budget: FD}}), the same with FD_inf, the same
+    with the bias slopes)."""
+    reference, reference_inf, reference_slope = scorer.fd_and_infinity(*reference_sampler())
     curves: dict[SamplerSpec, dict[int, float]] = {}
     curves_inf: dict[SamplerSpec, dict[int, float]] = {}
+    slopes: dict[SamplerSpec, dict[int, float]] = {}
     num_samples = scorer.noise.shape[0]
     for spec in heun:
-        curves[spec], curves_inf[spec] = {}, {}
+        curves[spec], curves_inf[spec], slopes[spec] = {}, {}, {}
         for budget in budgets:
             sampler, grid, nfe = grid_for(spec, budget)
-            value, value_inf = scorer.fd_and_infinity(sampler, grid)
-            curves[spec][budget], curves_inf[spec][budget] = value, value_inf
+            value, value_inf, slope = scorer.fd_and_infinity(sampler, grid)
+            curves[spec][budget], curves_inf[spec][budget], slopes[spec][budget] = value, value_inf, slope
             ctx.results.record(KEY, "target_fd", value, "FD", sampler=spec.name, shift=spec.shift, budget=budget,
                                nfe=nfe, seed=scorer.seed, train_steps=steps, num_samples=num_samples,
                                relative_to_reference=value / reference, fd_infinity=value_inf,
-                               relative_to_reference_infinity=value_inf / reference_inf)
+                               relative_to_reference_infinity=value_inf / reference_inf, bias_slope=slope)
     ctx.results.record(KEY, "target_reference_fd", reference, "FD", sampler="SDE Euler-Maruyama",
                        nfe=REFERENCE_STEPS, seed=scorer.seed, num_samples=num_samples, train_steps=steps,
-                       fd_infinity=reference_inf)
+                       fd_infinity=reference_inf, bias_slope=reference_slope)
+    heun_fds = "; ".join(f"{spec.label}: " + ", ".join(f"{b}:{v:.3f}" for b, v in curve.items())
+                         for spec, curve in curves.items())
     ctx.log(f"[sampling] target set {scorer.seed} ({num_samples} samples): reference {reference:.3f} "
-            f"(FD_inf {reference_inf:.3f}); " + "; ".join(
-                f"{spec.label}: " + ", ".join(f"{b}:{v:.3f}" for b, v in curve.items()) for spec, curve in curves.items()))
-    return (reference, curves), (reference_inf, curves_inf)
+            f"(FD_inf {reference_inf:.3f}); {heun_fds}")
+    return (reference, curves), (reference_inf, curves_inf), (reference_slope, slopes)
 
 
 def heun_target_table(sets, heun: list[SamplerSpec], budgets: list[int], seeds, what: str = "FD"):
@@ -276,6 +280,19 @@ def heun_target_table(sets, heun: list[SamplerSpec], budgets: list[int], seeds, 
                         f"(within 10%: <= {1 + WITHIN:.2f})")
     nfe, spec = best if best is not None else (None, heun[0])
     return table, nfe, spec, best_ratio
+
+
+def slope_notes(seeds, measured, heun: list[SamplerSpec], num_samples: int, with_infinity: bool) -> list[str]:
+    """Per target set, each sampler's bias slope: how much its FD of N samples exceeds its FD_inf."""
+    if not with_infinity:
+        return []
+    notes = []
+    for seed, (_, _, (reference_slope, slopes)) in zip(seeds, measured):
+        parts = [f"SDE-250 {reference_slope:.0f}"] + [f"{spec.label} budget {budget} {value:.0f}"
+                                                       for spec in heun for budget, value in slopes[spec].items()]
+        notes.append(f"Bias slope (FD of N samples ~ FD_inf + slope / N; at N = 500 the bias is slope / 500), "
+                     f"set {seed}: " + ", ".join(parts) + ".")
+    return notes
 
 
 def run(ctx: BenchContext) -> Section:
@@ -358,10 +375,10 @@ def run(ctx: BenchContext) -> Section:
     seeds = TARGET_SET_SEEDS[:ctx.pick(len(TARGET_SET_SEEDS), 1)]
     measured = [heun_sample_set(ctx, Scorer(experiment, model, context, target_samples, seed=seed), heun,
                                 heun_budgets, steps) for seed in seeds]
-    heun_table, best_nfe, best_spec, mean_ratio = heun_target_table([at_n for at_n, _ in measured], heun,
+    heun_table, best_nfe, best_spec, mean_ratio = heun_target_table([at_n for at_n, _, _ in measured], heun,
                                                                      heun_budgets, seeds, what=f"FD ({target_samples})")
     # FD_inf extrapolates from subsets of 1/4 of a set up: meaningful for the full run's sets only.
-    inf_table, inf_nfe, _, inf_ratio = heun_target_table([at_inf for _, at_inf in measured], heun, heun_budgets,
+    inf_table, inf_nfe, _, inf_ratio = heun_target_table([at_inf for _, at_inf, _ in measured], heun, heun_budgets,
                                                          seeds, what="FD_inf")
     with_infinity = not ctx.quick
     ctx.results.record(KEY, "heun_nfe_within_10pct_mean_of_sets", best_nfe if best_nfe is not None else -1, "NFE",
@@ -403,7 +420,8 @@ def run(ctx: BenchContext) -> Section:
         ),
         tables=[table, heun_table] + ([inf_table] if with_infinity else []),
         targets=targets,
-        notes=notes + [f"{seconds_per_nfe * 1e3:.0f} ms per function evaluation for {num_samples} samples."],
+        notes=notes + slope_notes(seeds, measured, heun, target_samples, with_infinity)
+        + [f"{seconds_per_nfe * 1e3:.0f} ms per function evaluation for {num_samples} samples."],
         seconds=time.perf_counter() - started,
     )
 
