@@ -193,9 +193,18 @@ def test_data_parallel_wrapping_expects_a_mixtures_idle_modality_layers(tmp_path
         for x in (torch.randn(2, 16, 4), torch.randn(2, 10, 6)):
             wrapped(Batch(x, torch.tensor([0, 1])), None, generator).total().backward()
 
+    def joint_steps(wrapped) -> None:  # MixtureData.per_step = 'all': both modalities in one forward
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            batches = [Batch(torch.randn(2, 16, 4), torch.tensor([0, 1])),
+                       Batch(torch.randn(2, 10, 6), torch.tensor([2, 0]))]
+            outs = wrapped(batches, None, generator)
+            (0.5 * outs[0].total() + 0.5 * outs[1].total()).backward()
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         two_steps(ddp_wrapper()(module()))
+        joint_steps(ddp_wrapper()(module()))
         from torch.nn.parallel import DistributedDataParallel
 
         with pytest.raises(RuntimeError, match="finished reduction"):
