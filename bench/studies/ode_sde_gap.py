@@ -12,9 +12,9 @@ each with its ratio to the SDE's, exactly as the bench's sampling item scores th
 
 Sample count matters more than training here. On the bench's 1500-step model, Heun-15 / SDE-250
 measured 1.11, 1.49 and 0.82 on the three 500-sample sets and 0.98, 0.82 and 0.67 on the 2000-sample
-sets that start with them (`eval --run runs/.cache/bench/models/<config hash> --samples 2000`): the
-FD of few samples is biased up more for the ODE's samples (see the bench's bias slopes), so the bench
-now reads the Heun target on 2000-sample sets.
+sets that start with them (`eval --run runs/.cache/bench/models/<config hash> --samples 2000`): FDs of
+500 samples vary too much from set to set for a 10% comparison, so the bench now reads the Heun
+target on a 2000-sample set (with FD_inf, the FD extrapolated to infinitely many samples, as a check).
 """
 from __future__ import annotations
 
