@@ -35,6 +35,7 @@ import gin
 import torch
 from torch import nn
 
+from selfflow.components.core import module_device
 from selfflow.components.files import write_text_atomic
 from selfflow.platform import checkpoint as ckpt
 from selfflow.platform import config as gin_config
@@ -381,7 +382,7 @@ def ddp_wrapper() -> Callable[[nn.Module], nn.Module]:
         # A mixture's step trains one modality: the other modalities' input and output layers get no
         # gradient that step, which DDP must be told to expect.
         options = {"find_unused_parameters": bool(getattr(module.model, "modalities", ()))}
-        device = next(module.parameters()).device  # the Trainer has placed the module already
+        device = module_device(module)  # the Trainer has placed the module already
         if device.type == "cuda":
             return DistributedDataParallel(module, device_ids=[device], **options)
         return DistributedDataParallel(module, **options)

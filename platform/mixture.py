@@ -93,11 +93,14 @@ class JointLoader:
         return {"parts": parts, "weights": list(self.weights)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"parts": {name: loader.state_dict() if hasattr(loader, "state_dict") else {}
-                          for name, loader in self.loaders.items()}}
+        return {"parts": part_positions(self.loaders)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_part_positions(self.loaders, state)
+
+
+def part_positions(loaders: Mapping[str, Iterator]) -> dict[str, Any]:
+    return {name: loader.state_dict() if hasattr(loader, "state_dict") else {} for name, loader in loaders.items()}
 
 
 def load_part_positions(loaders: Mapping[str, Iterator], state: Mapping[str, Any]) -> None:
@@ -136,9 +139,7 @@ class MixtureLoader:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"draws": self.generator.get_state(),
-                "parts": {name: loader.state_dict() if hasattr(loader, "state_dict") else {}
-                          for name, loader in self.loaders.items()}}
+        return {"draws": self.generator.get_state(), "parts": part_positions(self.loaders)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "draws" not in state:

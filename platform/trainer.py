@@ -16,6 +16,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
+from selfflow.components.backbones.embeddings import check_label_range
 from selfflow.components.core import Batch, LossTerms
 from selfflow.components.ema import EMA
 from selfflow.platform import checkpoint as ckpt
@@ -49,21 +50,14 @@ def step_logs(batches: list[Batch], outs: list[LossTerms], weights: list[float])
     a mixture's batches also log loss/<modality>/<term> and diag/<modality>/<name>."""
     logs: dict[str, float] = {}
     for batch, out, weight in zip(batches, outs, weights):
-        values = {f"loss/{name}": float(value.detach()) for name, value in out.terms.items()}
-        values.update({f"diag/{name}": float(value) for name, value in out.diagnostics.items()})
-        for key, value in values.items():
+        values = {("loss", name): float(value.detach()) for name, value in out.terms.items()}
+        values.update({("diag", name): float(value) for name, value in out.diagnostics.items()})
+        for (head, name), value in values.items():
+            key = f"{head}/{name}"
             logs[key] = logs.get(key, 0.0) + weight * value if len(outs) > 1 else value
-        if batch.modality is not None:  # a mixture: each modality's terms and diagnostics also on their own
-            logs.update({f"{key.split('/', 1)[0]}/{batch.modality}/{key.split('/', 1)[1]}": value
-                         for key, value in values.items()})
+            if batch.modality is not None:  # a mixture: each modality's terms and diagnostics also on their own
+                logs[f"{head}/{batch.modality}/{name}"] = value
     return logs
-
-
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Class labels must lie in [0, num_classes] (num_classes is the null class)."""
-    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
-        bad = labels[(labels < 0) | (labels > num_classes)][0].item()
-        raise UserError(f"batch label {bad} out of range [0, {num_classes}] (null class is {num_classes})")
 
 
 class Callback(Protocol):
@@ -193,7 +187,10 @@ class Trainer:
         modality = raw.get("modality")
         cond = raw.get("y") if self.experiment.num_classes > 0 else None
         if cond is not None and self.device.type != "cpu":
-            check_labels(cond, self.experiment.num_classes)  # on the host: the embedder checks CPU labels only
+            try:  # on the host: the label embedder checks CPU labels only
+                check_label_range(cond, self.experiment.num_classes)
+            except ValueError as error:
+                raise UserError(f"batch {error}") from None
             cond = cond.to(self.device, non_blocking=True)
         x0 = self.experiment.tokenizer_for(modality).encode(raw["x"].to(self.device, non_blocking=True))
         return Batch(x0=x0, cond=cond, modality=modality)
@@ -206,8 +203,7 @@ class Trainer:
         batches = [self.make_batch(part) for part in raw["parts"]] if joint else [self.make_batch(raw)]
         precision = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.bf16 else nullcontext()
         with precision:
-            outs: list[LossTerms] = self.step_module(batches, self.ema.model, self.generator) if joint else \
-                [self.step_module(batches[0], self.ema.model, self.generator)]
+            outs: list[LossTerms] = self.step_module(batches, self.ema.model, self.generator)
         weights = [float(w) for w in raw["weights"]] if joint else [1.0]
         loss = sum(w * out.total() for w, out in zip(weights, outs)) if joint else outs[0].total()
         bad = [f"{batch.modality}/{name}" if joint else name for batch, out in zip(batches, outs)

@@ -67,6 +67,13 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Class labels must lie in [0, num_classes] (num_classes is the null class); ValueError otherwise."""
+    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        bad = labels[(labels < 0) | (labels > num_classes)][0].item()
+        raise ValueError(f"label {bad} out of range [0, {num_classes}] (null class is {num_classes})")
+
+
 class LabelEmbedder(nn.Module):
     """Class labels (B,) in [0, num_classes] -> (B, hidden_dim); label num_classes is the CFG null class.
 
@@ -92,9 +99,6 @@ class LabelEmbedder(nn.Module):
             )
         # The value check reads the labels on the host: done for CPU tensors only, because on an
         # accelerator it would stall every forward (the trainer checks raw labels before moving them).
-        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
-            bad = labels[(labels < 0) | (labels > self.num_classes)][0].item()
-            raise ValueError(
-                f"label {bad} out of range [0, {self.num_classes}] (null class is {self.num_classes})"
-            )
+        if labels.device.type == "cpu":
+            check_label_range(labels, self.num_classes)
         return self.table(labels.long())
