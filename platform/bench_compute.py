@@ -4,7 +4,8 @@ Training FLOPs are counted from the step's matmuls (bench_flops.count_flops: for
 backward, teacher). The ceiling is a large square fp32 matmul in the same process with the
 same threads, measured before and after the configs (the better of the two). The second
 table takes the tiny digits config apart: the same step with one setting changed at a time
-(threads, fused attention, MLP activation, allocator, OpenMP wait policy), interleaved, to show what keeps it below the ceiling.
+(threads, attention kernel, AdamW kernel, MLP activation, allocator, OpenMP wait policy),
+interleaved, to show what keeps it below the ceiling.
 """
 from __future__ import annotations
 
@@ -21,12 +22,6 @@ GLIBC_DEFAULTS = {"SELFFLOW_ALLOCATOR": "default"}
 GLIBC_TUNED = {"SELFFLOW_ALLOCATOR": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 OMP_DEFAULT = {"OMP_WAIT_POLICY": None}  # libgomp's own default: spin a while, then sleep
 OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
 
 
 def with_threads(count: int, call):
@@ -78,14 +73,16 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     raw = setup.synthetic_batch(config)
     scratch = str(ctx.cache_dir / "scratch")
     base = setup.build_trainer(config, scratch=scratch)
-    unfused = setup.build_trainer(config, scratch=scratch)
-    set_fused_attention(unfused.module, False)
-    set_fused_attention(unfused.ema.model, False)
+    bmm = setup.build_trainer(config.with_(extra=("DiT.attention_kernel = 'bmm'",)), scratch=scratch)
+    foreach_adamw = setup.build_trainer(config, scratch=scratch)
+    for group in foreach_adamw.optimizer.param_groups:  # AdamW.step reads the kernel choice per group
+        group["fused"], group["foreach"] = None, True
     tanh_gelu = setup.build_trainer(config.with_(extra=("DiT.mlp_activation = 'gelu_tanh'",)), scratch=scratch)
     flops = count_flops(lambda: base.train_step(raw))[0]
     threads = torch.get_num_threads()
     other = 1 if threads > 1 else 2
-    configured = f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, fused attention)"
+    configured = (f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, PyTorch's SDPA "
+                  f"attention, fused AdamW)")
     glibc_defaults = "child process, glibc malloc defaults"
     glibc_tuned = "child process, glibc malloc: no mmap for large blocks, trim threshold 1 GiB"
     omp_default = f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps)"
@@ -101,7 +98,9 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     variants = {
         configured: lambda: base.train_step(raw),
         f"{other} thread{'s' if other > 1 else ''}": with_threads(other, lambda: base.train_step(raw)),
-        "attention without the fused kernel (timm fused_attn = False)": lambda: unfused.train_step(raw),
+        "attention as batched matmuls with a hand-written backward (DiT.attention_kernel = 'bmm')":
+            lambda: bmm.train_step(raw),
+        "AdamW as foreach ops, not the fused kernel": lambda: foreach_adamw.train_step(raw),
         "MLP activation: DiT's tanh-approximated GELU (the preset uses exact GELU)":
             lambda: tanh_gelu.train_step(raw),
         **workers,
@@ -158,13 +157,17 @@ def run(ctx: BenchContext) -> Section:
             "FLOPs per step are counted from the matmuls torch dispatches during one training step (forward, "
             "backward, teacher forward; 2 FLOPs per multiply-add); elementwise work is not counted. Step times "
             "are medians of interleaved repeats; a config item 1 measured in the same run reuses its FLOPs and "
-            "step time (same process, threads and step) instead of timing it again. The peak is the best of a few square fp32 matmuls in this "
+            "step time (same process, threads and step) instead of timing it again. The peak is the best of a "
+            "few square fp32 matmuls in this "
             "process, before and after the configs. A fraction near 1 means the step is matmul-bound; tiny "
             "configs sit far below because their matrices are small (96 wide) and elementwise work "
             "(layer norms, GELU, adaLN modulation, AdamW, EMA) and per-op dispatch dominate. The second "
             "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count, "
-            "timm's fused attention kernel, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
-            "GELU on this CPU build, so the digits preset uses exact GELU), glibc's allocator settings and OpenMP's wait policy (these two "
+            "the attention kernel (PyTorch's SDPA, the default, against batched matmuls with a hand-written "
+            "backward, components/backbones/attention.py), AdamW's fused "
+            "kernel against its foreach ops, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
+            "GELU on this CPU build, so the digits preset uses exact GELU), glibc's allocator settings and "
+            "OpenMP's wait policy (these two "
             "act at process start, so each pair runs in two child processes and is compared child to child)."
         ),
         tables=[table] if breakdown is None else [table, breakdown],

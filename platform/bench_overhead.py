@@ -35,7 +35,7 @@ class HandWrittenLoop:
         self.label_dropout = getattr(trainer.experiment.objective, "label_dropout", 0.1)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.betas),
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=True)
         self.clip = config.grad_clip if clip_and_ema else 0.0
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if clip_and_ema else None
         self.ema_params = list(self.ema.parameters()) if self.ema is not None else []

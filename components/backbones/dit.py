@@ -20,6 +20,7 @@ import torch
 from timm.layers import Attention, Mlp
 from torch import nn
 
+from selfflow.components.backbones.attention import TokenAttention
 from selfflow.components.backbones.embeddings import (
     LabelEmbedder,
     TimestepEmbedder,
@@ -101,14 +102,14 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero; modulation is given per token."""
 
     def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
-                 mlp_activation: str = "gelu_tanh") -> None:
+                 mlp_activation: str = "gelu_tanh", attention_kernel: str = "sdpa") -> None:
         super().__init__()
         if mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {sorted(MLP_ACTIVATIONS)}, got {mlp_activation!r}")
         self.norm1 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(
+        self.attn = TokenAttention(
             hidden_dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
-            norm_layer=nn.LayerNorm if qk_norm else None,
+            norm_layer=nn.LayerNorm if qk_norm else None, kernel=attention_kernel,
         )
         self.norm2 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_dim, hidden_features=int(hidden_dim * mlp_ratio),
@@ -155,6 +156,7 @@ class DiT(nn.Module):
       return_layers: 1-based blocks whose outputs go into `hidden`.
       stop_at: run blocks 1..stop_at only; velocity is None and hidden[stop_at] is included.
       attn_groups: (B, N) integer ids; a token attends only to tokens with its id.
+    attention_kernel: "sdpa" (default), "bmm" or "auto" (components/backbones/attention.py).
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class DiT(nn.Module):
         gathered_modulation: bool = True,
         qk_norm: bool = False,
         mlp_activation: str = "gelu_tanh",
+        attention_kernel: str = "sdpa",
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("depth", depth),
@@ -196,8 +199,8 @@ class DiT(nn.Module):
                              persistent=False)
         self.time_embedder = TimestepEmbedder(hidden_dim)
         self.label_embedder = LabelEmbedder(num_classes, hidden_dim) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio, qk_norm, mlp_activation)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio, qk_norm, mlp_activation,
+                                             attention_kernel) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_dim, in_dim)
         self.reset_parameters()
 

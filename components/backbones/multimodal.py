@@ -67,12 +67,13 @@ class MultiModalDiT(DiT):
         gathered_modulation: bool = True,
         qk_norm: bool = False,
         mlp_activation: str = "gelu_tanh",
+        attention_kernel: str = "sdpa",
     ) -> None:
         checked = modality_layouts(layouts)
         first_dim, first_grid = next(iter(checked.values()))
         super().__init__(first_dim, first_grid, hidden_dim, depth, num_heads, mlp_ratio=mlp_ratio,
                          num_classes=num_classes, gathered_modulation=gathered_modulation, qk_norm=qk_norm,
-                         mlp_activation=mlp_activation)
+                         mlp_activation=mlp_activation, attention_kernel=attention_kernel)
         # The single-layout layers DiT built are replaced by one set per modality.
         del self.input_projection, self.final_layer, self.position_embedding
         # DiT's single-layout attributes would name the first modality only: here they name none.

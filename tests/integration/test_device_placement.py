@@ -38,6 +38,7 @@ def test_a_step_runs_on_the_trainer_device_up_to_its_first_host_read(in_tmp, gin
     placed = list(trainer.module.parameters()) + list(trainer.ema.model.parameters())
     assert placed and all(p.device == META for p in placed)
     assert trainer.generator.device == torch.device("cpu")  # draws stay device-independent
+    assert not trainer.optimizer.param_groups[0]["fused"]  # AdamW has no fused kernel for the meta device
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
         trainer.train_step(raw_batch())
 
@@ -55,3 +56,4 @@ def test_the_default_device_here_is_the_cpu(in_tmp):
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert trainer.device == expected and trainer.experiment.train.device == "auto"
     assert all(p.device.type == expected.type for p in trainer.module.parameters())
+    assert trainer.optimizer.param_groups[0]["fused"]  # AdamW's fused kernel on CPU and CUDA
