@@ -81,8 +81,8 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     flops = count_flops(lambda: base.train_step(raw))[0]
     threads = torch.get_num_threads()
     other = 1 if threads > 1 else 2
-    configured = (f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, PyTorch's SDPA "
-                  f"attention, fused AdamW)")
+    configured = (f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, attention "
+                  f"kernel 'auto', fused AdamW)")
     glibc_defaults = "child process, glibc malloc defaults"
     glibc_tuned = "child process, glibc malloc: no mmap for large blocks, trim threshold 1 GiB"
     omp_default = f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps)"
@@ -98,7 +98,7 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     variants = {
         configured: lambda: base.train_step(raw),
         f"{other} thread{'s' if other > 1 else ''}": with_threads(other, lambda: base.train_step(raw)),
-        "attention as batched matmuls with a hand-written backward (DiT.attention_kernel = 'bmm')":
+        "attention as batched matmuls in the student too (DiT.attention_kernel = 'bmm')":
             lambda: bmm.train_step(raw),
         "AdamW as foreach ops, not the fused kernel": lambda: foreach_adamw.train_step(raw),
         "MLP activation: DiT's tanh-approximated GELU (the preset uses exact GELU)":
@@ -163,8 +163,9 @@ def run(ctx: BenchContext) -> Section:
             "configs sit far below because their matrices are small (96 wide) and elementwise work "
             "(layer norms, GELU, adaLN modulation, AdamW, EMA) and per-op dispatch dominate. The second "
             "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count, "
-            "the attention kernel (PyTorch's SDPA, the default, against batched matmuls with a hand-written "
-            "backward, components/backbones/attention.py), AdamW's fused "
+            "the attention kernel ('auto': PyTorch's SDPA where autograd records, batched matmuls for the "
+            "teacher's forward; 'bmm': batched matmuls with a hand-written backward in the student too; "
+            "components/backbones/attention.py), AdamW's fused "
             "kernel against its foreach ops, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
             "GELU on this CPU build, so the digits preset uses exact GELU), glibc's allocator settings and "
             "OpenMP's wait policy (these two "

@@ -1,14 +1,18 @@
-"""Multi-head self-attention for the DiT blocks: timm's Attention plus an optional batched-matmul kernel
-for short sequences on the CPU.
+"""Multi-head self-attention for the DiT blocks: timm's Attention plus a batched-matmul kernel for short
+sequences on the CPU.
 
 Why a hand-written kernel: on the digits shape (16 tokens, head dim 24, 512 sample x head pairs)
-PyTorch's CPU scaled_dot_product_attention took 7.3-9.5 ms forward + backward per call, and timm's
-unfused `q @ k^T` path as long, because bmm falls back to one small matmul per (sample, head) when the
-incoming gradient is a permuted view. Plain bmm on contiguous (groups, N, d) tensors with the backward
-written out took 3.6-6.4 ms (1 or 2 threads). In a whole training step the gain did not hold up: same
-model, kernels interleaved, the digits FM step measured 0.87x (2 spinning threads), 0.91x (2 threads,
-OMP_WAIT_POLICY=PASSIVE) and 1.02x (1 thread), Self-Flow 0.87x, 1.04x and 0.97x. So the default stays
-"sdpa"; `make bench` (compute efficiency) keeps measuring "bmm" against it.
+PyTorch's CPU scaled_dot_product_attention parallelises poorly, and timm's unfused `q @ k^T` path is
+slow backward, because bmm falls back to one small matmul per (sample, head) when the incoming gradient
+is a permuted view. Plain bmm on contiguous (groups, N, d) tensors, backward written out, measured:
+- per call, forward + backward: 3.6-6.4 ms against SDPA's 7.3-9.5 ms; but in whole training steps
+  (same model, kernels interleaved) the digits FM step took 0.87x to 1.02x and Self-Flow 0.87x to
+  1.04x, depending on threads and OpenMP wait policy: not a reliable gain, so training keeps SDPA;
+- forward only (no autograd), 2 threads, OMP_WAIT_POLICY=PASSIVE: one sampling evaluation of 2000
+  digits 0.86x, the Self-Flow teacher's forward 0.83x; with 1 thread 1.02x (no gain).
+So "auto" (the default) runs bmm for forward-only calls on the CPU with more than one thread and at
+most BMM_MAX_TOKENS tokens, SDPA everywhere else; `make bench` (compute efficiency) measures "bmm" in
+training as well.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import torch
 from timm.layers import Attention
 
 ATTENTION_KERNELS = ("auto", "sdpa", "bmm")
-# Longest sequence "auto" sends to the bmm kernel (per call, 2 threads: 2x faster at 16 tokens, 1.4x at
-# 64, slower than SDPA at 256).
+# Longest sequence "auto" sends to the bmm kernel (per call, forward + backward, 2 threads: 2x faster
+# at 16 tokens, 1.4x at 64, slower than SDPA at 256).
 BMM_MAX_TOKENS = 64
 
 
@@ -66,11 +70,11 @@ def batched_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 class TokenAttention(Attention):
     """timm's Attention (same parameters and state-dict keys, so DiT/SiT weights load) with a choice of
-    kernel: "sdpa" (timm's path, the default), "bmm" (batched_matmul_attention, CPU only) or "auto" (bmm on
-    the CPU for sequences of at most BMM_MAX_TOKENS, else sdpa). Attention dropout and timm's gated and
-    scale-norm options always take timm's path."""
+    kernel: "auto" (the default; see the module docstring), "sdpa" (timm's path) or "bmm"
+    (batched_matmul_attention, CPU only). Attention dropout and timm's gated and scale-norm options always
+    take timm's path."""
 
-    def __init__(self, *args, kernel: str = "sdpa", **kwargs) -> None:
+    def __init__(self, *args, kernel: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
@@ -86,7 +90,9 @@ class TokenAttention(Attention):
                 raise ValueError(f"attention kernel 'bmm' runs on the CPU only, got a tensor on {x.device}; "
                                  f"use 'auto' or 'sdpa'")
             return True
-        return x.device.type == "cpu" and x.shape[1] <= BMM_MAX_TOKENS
+        forward_only = not (torch.is_grad_enabled() and x.requires_grad)
+        return (forward_only and x.device.type == "cpu" and x.shape[1] <= BMM_MAX_TOKENS
+                and torch.get_num_threads() > 1)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if is_causal or not self.uses_bmm(x):
