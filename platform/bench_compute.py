@@ -78,11 +78,12 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
     for group in foreach_adamw.optimizer.param_groups:  # AdamW.step reads the kernel choice per group
         group["fused"], group["foreach"] = None, True
     tanh_gelu = setup.build_trainer(config.with_(extra=("DiT.mlp_activation = 'gelu_tanh'",)), scratch=scratch)
+    teacher_inline = setup.build_trainer(config.with_(extra=(setup.TEACHER_THREAD_OFF,)), scratch=scratch)
     flops = count_flops(lambda: base.train_step(raw))[0]
     threads = torch.get_num_threads()
     other = 1 if threads > 1 else 2
     configured = (f"as configured, in process ({threads} thread{'s' if threads > 1 else ''}, attention "
-                  f"kernel 'auto', fused AdamW)")
+                  f"kernel 'auto', fused AdamW, teacher_thread 'auto')")
     glibc_defaults = "child process, glibc malloc defaults"
     glibc_tuned = "child process, glibc malloc: no mmap for large blocks, trim threshold 1 GiB"
     omp_default = f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps)"
@@ -101,6 +102,8 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
         "attention as batched matmuls in the student too (DiT.attention_kernel = 'bmm')":
             lambda: bmm.train_step(raw),
         "AdamW as foreach ops, not the fused kernel": lambda: foreach_adamw.train_step(raw),
+        "teacher's forward on the main thread, before the student's (SelfFlowObjective.teacher_thread = 'never')":
+            lambda: teacher_inline.train_step(raw),
         "MLP activation: DiT's tanh-approximated GELU (the preset uses exact GELU)":
             lambda: tanh_gelu.train_step(raw),
         **workers,
@@ -162,11 +165,13 @@ def run(ctx: BenchContext) -> Section:
             "process, before and after the configs. A fraction near 1 means the step is matmul-bound; tiny "
             "configs sit far below because their matrices are small (96 wide) and elementwise work "
             "(layer norms, GELU, adaLN modulation, AdamW, EMA) and per-op dispatch dominate. The second "
-            "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count, "
+            "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count "
+            "(with 1 thread, teacher_thread 'auto' runs the teacher inline), "
             "the attention kernel ('auto': PyTorch's SDPA where autograd records, batched matmuls for the "
             "teacher's forward; 'bmm': batched matmuls with a hand-written backward in the student too; "
             "components/backbones/attention.py), AdamW's fused "
-            "kernel against its foreach ops, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
+            "kernel against its foreach ops, the teacher's forward beside the student's on a second thread "
+            "against before it on the main thread, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
             "GELU on this CPU build, so the digits preset uses exact GELU), glibc's allocator settings and "
             "OpenMP's wait policy (these two "
             "act at process start, so each pair runs in two child processes and is compared child to child)."

@@ -1,8 +1,8 @@
 """Item 1, objective cost: a Self-Flow training step over a vanilla flow-matching step.
 
 Same backbone, batch and optimizer; both through the platform's Trainer.train_step
-(forward, backward, clipping, AdamW, EMA). Also Self-Flow with its two fast paths off
-(full-depth teacher, modulation computed for every token). The FLOP ratio (counted from
+(forward, backward, clipping, AdamW, EMA). Also Self-Flow with its fast paths off
+(full-depth teacher, modulation computed for every token, teacher not on a second thread). The FLOP ratio (counted from
 the matmuls) is the theory the time ratio is compared to: about one extra no-grad
 forward up to block 0.7 D on top of a forward + backward (~3 forwards), i.e. ~1.23.
 """
@@ -20,17 +20,18 @@ TARGET_RATIO = 1.25
 
 def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, warmup: int,
                    one_path_at_a_time: bool = True) -> dict:
-    """one_path_at_a_time: also time Self-Flow with only one of the two fast paths off."""
+    """one_path_at_a_time: also time Self-Flow with only one of its fast paths off."""
     variants = {
         "fm": base.with_(objective="fm"),
         "selfflow": base.with_(objective="selfflow"),
         "selfflow_slow": base.with_(objective="selfflow", extra=setup.SLOW_PATHS),
-        "selfflow_no_early_exit": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[:1]),
-        "selfflow_no_gathered": base.with_(objective="selfflow", extra=setup.SLOW_PATHS[1:]),
+        "selfflow_no_early_exit": base.with_(objective="selfflow", extra=(setup.EARLY_EXIT_OFF,)),
+        "selfflow_no_gathered": base.with_(objective="selfflow", extra=(setup.GATHERED_MODULATION_OFF,)),
+        "selfflow_no_teacher_thread": base.with_(objective="selfflow", extra=(setup.TEACHER_THREAD_OFF,)),
         "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",)),
     }
     if not one_path_at_a_time:
-        del variants["selfflow_no_early_exit"], variants["selfflow_no_gathered"]
+        del variants["selfflow_no_early_exit"], variants["selfflow_no_gathered"], variants["selfflow_no_teacher_thread"]
     # Variants train shared backbone objects (see build_trainer): one with the gathered modulation,
     # one without (gathered_modulation is a backbone attribute, early_exit an objective one).
     trainers = {"fm": setup.build_trainer(variants["fm"], scratch=ctx.cache_dir / "scratch")}
@@ -63,9 +64,9 @@ def measure_config(ctx: BenchContext, base: setup.BenchConfig, repeats: int, war
 
 def run(ctx: BenchContext) -> Section:
     started = time.perf_counter()
-    # (config, repeats, warmup, one fast path off at a time). S times both fast paths off together
-    # only: its two single-path variants cost ~55 s of make bench's 20 minutes (their ratios on S,
-    # 1.48 and 1.62, are in bench/results.jsonl from earlier runs).
+    # (config, repeats, warmup, one fast path off at a time). S times its fast paths off together
+    # only: its single-path variants cost ~30 s each of make bench's 20 minutes (the first two's
+    # ratios on S, 1.48 and 1.62, are in bench/results.jsonl from earlier runs).
     plans = [(setup.digits(batch_size=128), ctx.pick(24, 4), ctx.pick(3, 1), True)]
     if not ctx.quick:  # the quick smoke run keeps to the digits config (< 3 min for every item)
         plans.append((setup.s_size(batch_size=4), 8, 1, False))
@@ -80,14 +81,16 @@ def run(ctx: BenchContext) -> Section:
             result["ratio_of_minima"], flop_ratios["selfflow"],
             timings["selfflow_slow"].median * 1e3, ratios["selfflow_slow"], flop_ratios["selfflow_slow"],
             ratios.get("selfflow_no_early_exit"), ratios.get("selfflow_no_gathered"),
+            ratios.get("selfflow_no_teacher_thread"),
             ratios["dts_only"], max(t.spread for t in timings.values()),
         ])
         targets.append(Target(f"Self-Flow / FM step time, {config.name}", ratios["selfflow"], TARGET_RATIO, "<=",
                               f"FLOP ratio {flop_ratios['selfflow']:.3f}; fast paths off: "
                               f"{ratios['selfflow_slow']:.2f}"))
     table = Table(
-        ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms", "off / FM",
-         "FLOP ratio off", "early exit off / FM", "gathered modulation off / FM", "DTS only / FM", "spread (IQR/median, worst)"],
+        ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms",
+         "off / FM", "FLOP ratio off", "early exit off / FM", "gathered modulation off / FM",
+         "teacher thread off / FM", "DTS only / FM", "spread (IQR/median, worst)"],
         rows,
     )
     return Section(
@@ -100,10 +103,13 @@ def run(ctx: BenchContext) -> Section:
             "Times are medians of interleaved repeats (variants alternate in one process; the order reverses "
             "every round); ratios are medians of the per-round paired ratios (the target uses these); \"min of "
             "k\" divides the fastest Self-Flow step by the fastest FM step. \"Fast paths off\" is Self-Flow "
-            "with `SelfFlowObjective.early_exit = False` (teacher runs all blocks) and "
-            "`DiT.gathered_modulation = False` (adaLN modulation computed for every token); the next two columns "
+            "with `SelfFlowObjective.early_exit = False` (teacher runs all blocks), "
+            "`DiT.gathered_modulation = False` (adaLN modulation computed for every token) and "
+            "`SelfFlowObjective.teacher_thread = 'never'` (the teacher's no-grad forward runs on the main thread "
+            "before the student's, instead of on a second thread beside it: "
+            "components/objectives/teacher_thread.py); the next three columns "
             "switch off one of them at a time (digits only; \"-\" for S, whose single-path variants would add "
-            "about a minute). \"DTS only\" is "
+            "about a minute and a half). \"DTS only\" is "
             "Self-Flow with gamma = 0 (per-token levels, no teacher, no head): the cost of per-token "
             "conditioning alone. The FLOP ratio "
             "counts matmul FLOPs of the whole step: the cost the objective cannot avoid; the time ratio above "

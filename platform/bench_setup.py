@@ -25,8 +25,12 @@ SIZES = {  # (hidden_dim, depth, num_heads), as components/backbones/sizes.py
     "S": (384, 12, 6),
     "B": (768, 12, 12),
 }
-# Self-Flow with both fast paths off: full-depth teacher, modulation computed for every token.
-SLOW_PATHS = ("SelfFlowObjective.early_exit = False", "DiT.gathered_modulation = False")
+# Self-Flow's fast paths, each switched off: full-depth teacher, modulation computed for every
+# token, the teacher's forward on the main thread, before the student's (not beside it).
+EARLY_EXIT_OFF = "SelfFlowObjective.early_exit = False"
+GATHERED_MODULATION_OFF = "DiT.gathered_modulation = False"
+TEACHER_THREAD_OFF = "SelfFlowObjective.teacher_thread = 'never'"
+SLOW_PATHS = (EARLY_EXIT_OFF, GATHERED_MODULATION_OFF, TEACHER_THREAD_OFF)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ One call (METHOD.md):
   draws from the scheduler: per-token student levels tau_i, the teacher level;
   eps drawn once; label dropout decided once (student and teacher see the same labels);
   teacher (EMA backbone, no grad) sees ALL tokens at the teacher level with the same x0 and eps,
-    and runs FIRST, only up to block k when early_exit (its output is only a target; running it
-    before the student's graph exists is about twice as fast here, see DESIGN.md);
+    and starts FIRST, only up to block k when early_exit (its output is only a target; running it
+    before the student's graph exists is about twice as fast here, see DESIGN.md); on a CPU with
+    spare intra-op threads it runs on a second thread while the student's forward runs
+    (teacher_thread.py);
   student sees x_tau token-wise and returns block l;
   L = L_gen + gamma * L_rep, L_rep = mean_tokens (1 - cos(head(h_s^l), stopgrad(h_t^k))).
 Draw order from the generator: the scheduler's draws, eps (B, N, P), label-dropout uniforms (B,).
@@ -31,6 +33,7 @@ from selfflow.components.objectives.common import (
     token_cosine,
 )
 from selfflow.components.objectives.heads import ProjectorHead
+from selfflow.components.objectives.teacher_thread import PendingFeatures, check_teacher_thread_mode, start_teacher
 from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
 
@@ -51,6 +54,8 @@ class SelfFlowObjective(nn.Module):
     attention_separation: "none"; "student": the mask's two noise groups may not attend to each
         other in the student; "both": in the teacher too (group ids = mask).
     early_exit: run the teacher only up to block k.
+    teacher_thread: "auto", "always" or "never": run the teacher's forward on a second thread,
+        at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class SelfFlowObjective(nn.Module):
         num_classes: int = 0,
         attention_separation: str = "none",
         early_exit: bool = True,
+        teacher_thread: str = "auto",
     ) -> None:
         super().__init__()
         if (time_dist is None) == (scheduler is None):
@@ -99,6 +105,7 @@ class SelfFlowObjective(nn.Module):
         self.num_classes = check_num_classes(num_classes)
         self.attention_separation = attention_separation
         self.early_exit = early_exit
+        self.teacher_thread = check_teacher_thread_mode(teacher_thread)
         self.path = LinearPath()
         # gamma = 0 trains no head: no unused parameters (DDP would complain) and no teacher.
         self.head = (ProjectorHead(hidden_dim, hidden_dim, head_kind, head_hidden_width)
@@ -107,23 +114,29 @@ class SelfFlowObjective(nn.Module):
     def extra_repr(self) -> str:
         return (f"gamma={self.gamma}, student_layer={self.student_layer}, teacher_layer={self.teacher_layer}, "
                 f"rep_loss={self.rep_loss!r}, attention_separation={self.attention_separation!r}, "
-                f"early_exit={self.early_exit}, scheduler={self.scheduler!r}")
+                f"early_exit={self.early_exit}, teacher_thread={self.teacher_thread!r}, "
+                f"scheduler={self.scheduler!r}")
 
-    def _teacher_features(self, teacher: nn.Module | None, x0: torch.Tensor, eps: torch.Tensor,
-                          teacher_t: torch.Tensor, cond: torch.Tensor | None,
-                          groups: torch.Tensor | None) -> torch.Tensor:
+    def _start_teacher_features(self, teacher: nn.Module | None, x0: torch.Tensor, eps: torch.Tensor,
+                                teacher_t: torch.Tensor, cond: torch.Tensor | None,
+                                groups: torch.Tensor | None) -> PendingFeatures:
+        """The teacher's block-k features, being computed (see teacher_thread.py)."""
         if teacher is None:
             raise ValueError("SelfFlowObjective needs the EMA teacher but got teacher=None "
                              "(gamma=0 runs without one)")
         check_model_matches(teacher, self.hidden_dim, self.depth, self.num_classes, role="teacher")
         k = self.teacher_layer
-        with torch.no_grad():
-            output = teacher(
-                self.path.interpolate(x0, eps, teacher_t), teacher_t, cond,
-                return_layers=(k,), stop_at=k if self.early_exit else None,
-                attn_groups=groups if self.attention_separation == "both" else None,
-            )
-        return output.hidden[k].detach()
+
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                output = teacher(
+                    self.path.interpolate(x0, eps, teacher_t), teacher_t, cond,
+                    return_layers=(k,), stop_at=k if self.early_exit else None,
+                    attn_groups=groups if self.attention_separation == "both" else None,
+                )
+            return output.hidden[k].detach()
+
+        return start_teacher(compute, self.teacher_thread, x0.device)
 
     def forward(self, batch: Batch, model: nn.Module, teacher: nn.Module | None,
                 generator: torch.Generator) -> LossTerms:
@@ -141,12 +154,17 @@ class SelfFlowObjective(nn.Module):
         groups = draws.mask.long() if self.attention_separation != "none" else None
 
         aligning = self.gamma > 0
-        target_features = (self._teacher_features(teacher, x0, eps, draws.teacher_t, cond, groups)
-                           if aligning else None)
+        pending_target = (self._start_teacher_features(teacher, x0, eps, draws.teacher_t, cond, groups)
+                          if aligning else None)
 
         l = self.student_layer
-        student = model(self.path.interpolate(x0, eps, draws.token_t), draws.token_t, cond,
-                        return_layers=(l,) if aligning else (), attn_groups=groups)
+        try:
+            student = model(self.path.interpolate(x0, eps, draws.token_t), draws.token_t, cond,
+                            return_layers=(l,) if aligning else (), attn_groups=groups)
+        except BaseException:
+            if pending_target is not None:
+                pending_target.abandon()
+            raise
         terms = {"flow": flow_matching_loss(student.velocity, self.path.velocity_target(x0, eps))}
         weights = {"flow": 1.0}
         diagnostics = {
@@ -158,6 +176,7 @@ class SelfFlowObjective(nn.Module):
             "teacher_gap": (draws.token_t - draws.teacher_t.reshape(x0.shape[0], -1)).float().mean(),
         }
         if aligning:
+            target_features = pending_target.result()
             projected = self.head(student.hidden[l])
             terms["rep"] = self.alignment(projected, target_features)
             weights["rep"] = self.gamma
@@ -190,6 +209,7 @@ class SRAObjective(SelfFlowObjective):
         label_dropout: float = 0.1,
         num_classes: int = 0,
         early_exit: bool = True,
+        teacher_thread: str = "auto",
     ) -> None:
         scheduler = DualTimestepScheduler(time_dist, mask_ratio=0.0, teacher_time="sra", sra_gap=sra_gap)
         super().__init__(
@@ -197,4 +217,5 @@ class SRAObjective(SelfFlowObjective):
             student_layer=student_layer, teacher_layer=teacher_layer, head_kind=head_kind,
             head_hidden_width=head_hidden_width, rep_loss=rep_loss, label_dropout=label_dropout,
             num_classes=num_classes, attention_separation="none", early_exit=early_exit,
+            teacher_thread=teacher_thread,
         )

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from selfflow.components.backbones.dit import DiT
 from selfflow.components.core import Batch
@@ -26,6 +30,7 @@ from selfflow.components.objectives.common import (
     l1_alignment_loss,
     smooth_l1_alignment_loss,
 )
+from selfflow.components.objectives.teacher_thread import start_teacher, uses_teacher_thread
 from selfflow.components.schedules.dual import DualTimestepScheduler
 from selfflow.components.schedules.timesteps import LogitNormalTime, UniformTime
 
@@ -218,7 +223,9 @@ def test_no_gradient_reaches_the_teacher_and_only_the_head_is_trained() -> None:
 def test_teacher_runs_first_with_early_exit_and_same_labels() -> None:
     log: list = []
     student, teacher = Recorder(tiny_dit(0), "student", log), Recorder(tiny_dit(5), "teacher", log)
-    selfflow(label_dropout=0.5)(make_batch(), student, teacher, torch.Generator().manual_seed(2))
+    # On the main thread, so that the call order is defined (a second thread runs it beside the student).
+    selfflow(label_dropout=0.5, teacher_thread="never")(make_batch(), student, teacher,
+                                                         torch.Generator().manual_seed(2))
     assert [call["who"] for call in log] == ["teacher", "student"]
     teacher_call, student_call = log
     assert teacher_call["stop_at"] == TEACHER_LAYER and TEACHER_LAYER in teacher_call["return_layers"]
@@ -229,7 +236,7 @@ def test_teacher_runs_first_with_early_exit_and_same_labels() -> None:
     assert (teacher_call["t"][:, None] <= student_call["t"]).all()
 
     log.clear()
-    selfflow(early_exit=False)(make_batch(), student, teacher, torch.Generator().manual_seed(2))
+    selfflow(early_exit=False, teacher_thread="never")(make_batch(), student, teacher, torch.Generator().manual_seed(2))
     assert log[0]["who"] == "teacher" and log[0]["stop_at"] is None
 
 
@@ -291,7 +298,8 @@ def test_attention_separation_passes_group_ids(separation: str) -> None:
     replay = torch.Generator().manual_seed(9)
     torch.rand(2 * B, generator=replay)
     groups = (torch.rand(B, N, generator=replay) < 0.25).long()
-    teacher_call, student_call = log
+    calls = {call["who"]: call for call in log}  # in either order: the teacher may run on a second thread
+    teacher_call, student_call = calls["teacher"], calls["student"]
     if separation == "none":
         assert student_call["attn_groups"] is None and teacher_call["attn_groups"] is None
     else:
@@ -324,6 +332,173 @@ def test_rep_loss_variants() -> None:
     assert not torch.allclose(cosine.terms["rep"], l1.terms["rep"])
     with pytest.raises(ValueError, match="alignment loss"):
         selfflow(rep_loss="l2")
+
+
+# ----- the teacher on a second thread -----------------------------------------------------------
+
+
+def run_with_teacher_thread(mode: str, threads: int) -> tuple:
+    """(loss terms, student and head gradients, [(thread name, intra-op threads) per forward],
+    threads after the call) of one Self-Flow loss + backward at `threads` intra-op threads."""
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    seen: list = []
+    for model in (student, teacher):
+        model.register_forward_hook(
+            lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    objective = selfflow(teacher_thread=mode)
+    objective.load_state_dict(randomised(selfflow(), 3).state_dict())  # one head for every mode
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        terms = objective(batch, student, teacher, torch.Generator().manual_seed(13))
+        terms.total().backward()
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    grads = [p.grad for p in [*student.parameters(), *objective.head.parameters()]]
+    assert all(p.grad is None for p in teacher.parameters())
+    return terms, grads, sorted(seen), threads_after
+
+
+def test_teacher_thread_gives_the_same_loss_and_gradients() -> None:
+    main = threading.main_thread().name
+    inline = run_with_teacher_thread("never", 1)
+    assert inline[2] == [(main, 1), (main, 1)]
+    # One thread: each side gets one, as inline: bitwise the same.
+    beside = run_with_teacher_thread("always", 1)
+    assert beside[2][0] == (main, 1) and beside[2][1][0].startswith("selfflow-teacher")
+    for name in ("flow", "rep"):
+        assert torch.equal(inline[0].terms[name], beside[0].terms[name])
+    assert all(torch.equal(x, y) for x, y in zip(inline[1], beside[1]))
+    # Two threads: student and teacher get one each while both run, and the caller gets its two back
+    # after; the loss changes only by reductions summed in another order.
+    split = run_with_teacher_thread("auto", 2)
+    assert split[2][0] == (main, 1) and split[2][1][1] == 1 and split[3] == 2
+    for name in ("flow", "rep"):
+        torch.testing.assert_close(inline[0].terms[name], split[0].terms[name], rtol=1e-6, atol=1e-7)
+    for x, y in zip(inline[1], split[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_uses_the_thread_only_on_a_cpu_with_spare_threads() -> None:
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert uses_teacher_thread("auto", cpu) and not uses_teacher_thread("auto", meta)
+        assert uses_teacher_thread("always", meta) and not uses_teacher_thread("never", cpu)
+        # A dispatch mode (here a FLOP counter) would not see the worker's ops: inline, in every mode.
+        with FlopCounterMode(display=False):
+            assert not uses_teacher_thread("always", cpu) and not uses_teacher_thread("auto", cpu)
+        torch.set_num_threads(1)  # a one-thread run keeps to one core
+        assert not uses_teacher_thread("auto", cpu) and uses_teacher_thread("always", cpu)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="teacher_thread must be one of"):
+        selfflow(teacher_thread="yes")
+
+
+def test_flop_count_includes_the_teacher_in_every_mode() -> None:
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    counts = []
+    for mode in ("never", "always"):
+        with FlopCounterMode(display=False) as counter:
+            selfflow(teacher_thread=mode)(batch, student, teacher, torch.Generator().manual_seed(0))
+        counts.append(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter:
+        selfflow(gamma=0.0)(batch, student, teacher, torch.Generator().manual_seed(0))
+    assert counts[0] == counts[1] > counter.get_total_flops()
+
+
+def test_the_worker_carries_autocast_and_shares_the_threads() -> None:
+    cpu = torch.device("cpu")
+    previous = torch.get_num_threads()
+    try:
+        for threads, share in ((4, 2), (3, 1), (2, 1), (1, 1)):
+            torch.set_num_threads(threads)
+            pending = start_teacher(lambda: torch.tensor(torch.get_num_threads()), "always", cpu)
+            assert torch.get_num_threads() == share  # the caller's share while the worker runs
+            assert int(pending.result()) == share and torch.get_num_threads() == threads
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            product = start_teacher(lambda: torch.ones(4, 4) @ torch.ones(4, 4), "always", cpu).result()
+        assert product.dtype == torch.bfloat16
+        assert start_teacher(lambda: torch.ones(4, 4) @ torch.ones(4, 4), "always", cpu).result().dtype == torch.float32
+    finally:
+        torch.set_num_threads(previous)
+
+
+class SlowTeacher(nn.Module):
+    """A teacher that signals when it starts, takes a while, and notes when it is done."""
+
+    def __init__(self, model: nn.Module, started: threading.Event, done: list) -> None:
+        super().__init__()
+        self.model, self.started, self.done = model, started, done
+        self.depth, self.hidden_dim, self.num_classes = model.depth, model.hidden_dim, model.num_classes
+
+    def forward(self, *args, **kwargs):
+        self.started.set()
+        time.sleep(0.3)
+        output = self.model(*args, **kwargs)
+        self.done.append(True)
+        return output
+
+
+class StudentFailingOnceTheTeacherRuns(nn.Module):
+    def __init__(self, model: nn.Module, teacher_started: threading.Event) -> None:
+        super().__init__()
+        self.model, self.teacher_started = model, teacher_started
+        self.depth, self.hidden_dim, self.num_classes = model.depth, model.hidden_dim, model.num_classes
+
+    def forward(self, *args, **kwargs):
+        assert self.teacher_started.wait(timeout=30)
+        raise RuntimeError("student failed")
+
+
+def test_a_failing_student_waits_for_the_teacher_and_raises_its_own_error() -> None:
+    started, done = threading.Event(), []
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="student failed"):
+            selfflow(teacher_thread="always")(make_batch(), StudentFailingOnceTheTeacherRuns(tiny_dit(0), started),
+                                              SlowTeacher(tiny_dit(5), started, done),
+                                              torch.Generator().manual_seed(0))
+        assert done == [True]  # the error waited for the running teacher forward
+        assert torch.get_num_threads() == 2  # and the caller has its threads back
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_teacher_errors_reach_the_caller() -> None:
+    def broken() -> torch.Tensor:
+        raise ValueError("teacher broke")
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="teacher broke"):
+            start_teacher(broken, "always", torch.device("cpu")).result()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _forked_child_uses_the_worker(queue) -> None:
+    queue.put(int(start_teacher(lambda: torch.tensor(7), "always", torch.device("cpu")).result()))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_forked_child_gets_its_own_worker() -> None:
+    start_teacher(lambda: torch.zeros(()), "always", torch.device("cpu")).result()  # the parent's worker exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_child_uses_the_worker, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child waited on its parent's worker thread")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 7
 
 
 # ----- SRA --------------------------------------------------------------------------------------
