@@ -15,6 +15,7 @@ Draw order from the generator: the scheduler's draws, eps (B, N, P), label-dropo
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from selfflow.components.objectives.common import (
     token_cosine,
 )
 from selfflow.components.objectives.heads import ProjectorHead
-from selfflow.components.objectives.teacher_thread import PendingFeatures, check_teacher_thread_mode, start_teacher
+from selfflow.components.objectives.teacher_thread import abandon, check_teacher_thread_mode, start_teacher
 from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
 
@@ -119,8 +120,8 @@ class SelfFlowObjective(nn.Module):
 
     def _start_teacher_features(self, teacher: nn.Module | None, x0: torch.Tensor, eps: torch.Tensor,
                                 teacher_t: torch.Tensor, cond: torch.Tensor | None,
-                                groups: torch.Tensor | None) -> PendingFeatures:
-        """The teacher's block-k features, being computed (see teacher_thread.py)."""
+                                groups: torch.Tensor | None) -> Future:
+        """The future of the teacher's block-k features (see teacher_thread.py)."""
         if teacher is None:
             raise ValueError("SelfFlowObjective needs the EMA teacher but got teacher=None "
                              "(gamma=0 runs without one)")
@@ -163,7 +164,7 @@ class SelfFlowObjective(nn.Module):
                             return_layers=(l,) if aligning else (), attn_groups=groups)
         except BaseException:
             if pending_target is not None:
-                pending_target.abandon()
+                abandon(pending_target)
             raise
         terms = {"flow": flow_matching_loss(student.velocity, self.path.velocity_target(x0, eps))}
         weights = {"flow": 1.0}
