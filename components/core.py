@@ -73,3 +73,9 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def has_spare_cpu_threads(device: torch.device) -> bool:
+    """On the CPU with more than one intra-op thread: where a tiny config leaves a core idle, so a
+    forward-only fast path (attention kernel, teacher thread) may use it."""
+    return device.type == "cpu" and torch.get_num_threads() > 1

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from timm.layers import Attention
 
+from selfflow.components.core import has_spare_cpu_threads
+
 ATTENTION_KERNELS = ("auto", "sdpa", "bmm")
 # Longest sequence "auto" sends to the bmm kernel (per call, forward + backward, 2 threads: 2x faster
 # at 16 tokens, 1.4x at 64, slower than SDPA at 256).
@@ -91,8 +93,7 @@ class TokenAttention(Attention):
                                  f"use 'auto' or 'sdpa'")
             return True
         forward_only = not (torch.is_grad_enabled() and x.requires_grad)
-        return (forward_only and x.device.type == "cpu" and x.shape[1] <= BMM_MAX_TOKENS
-                and torch.get_num_threads() > 1)
+        return forward_only and x.shape[1] <= BMM_MAX_TOKENS and has_spare_cpu_threads(x.device)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if is_causal or not self.uses_bmm(x):

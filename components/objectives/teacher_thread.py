@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from selfflow.components.core import has_spare_cpu_threads
+
 TEACHER_THREAD_MODES = ("auto", "always", "never")
 AUTOCAST_DEVICES = ("cpu", "cuda", "mps")  # torch.is_autocast_enabled rejects others (meta)
 
@@ -48,7 +50,7 @@ def uses_teacher_thread(mode: str, device: torch.device) -> bool:
     """Whether a teacher forward on `device` runs on the worker thread under `mode`."""
     if mode == "never" or _get_current_dispatch_mode() is not None:
         return False
-    return mode == "always" or (device.type == "cpu" and torch.get_num_threads() > 1)
+    return mode == "always" or has_spare_cpu_threads(device)
 
 
 def _executor() -> ThreadPoolExecutor:

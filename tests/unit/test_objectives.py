@@ -61,14 +61,22 @@ def make_batch(seed: int = 1, conditional: bool = True) -> Batch:
     return Batch(x0=x0, cond=cond)
 
 
-class Recorder(nn.Module):
+class BackboneWrapper(nn.Module):
+    """Wraps a backbone and shows the attributes the objectives check (depth, width, classes, grid)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.depth, self.hidden_dim = model.depth, model.hidden_dim
+        self.num_classes, self.grid = model.num_classes, model.grid
+
+
+class Recorder(BackboneWrapper):
     """Wraps a backbone and logs every call (who, t, cond, keyword arguments) in a shared list."""
 
     def __init__(self, model: nn.Module, name: str, log: list) -> None:
-        super().__init__()
-        self.model, self.name, self.log = model, name, log
-        self.depth, self.hidden_dim = model.depth, model.hidden_dim
-        self.num_classes, self.grid = model.num_classes, model.grid
+        super().__init__(model)
+        self.name, self.log = name, log
 
     def forward(self, x, t, cond, **kwargs):
         self.log.append({"who": self.name, "x": x.detach().clone(), "t": t.detach().clone(),
@@ -421,13 +429,12 @@ def test_the_worker_carries_autocast_and_the_thread_count() -> None:
         torch.set_num_threads(previous)
 
 
-class SlowTeacher(nn.Module):
+class SlowTeacher(BackboneWrapper):
     """A teacher that signals when it starts, takes a while, and notes when it is done."""
 
     def __init__(self, model: nn.Module, started: threading.Event, done: list) -> None:
-        super().__init__()
-        self.model, self.started, self.done = model, started, done
-        self.depth, self.hidden_dim, self.num_classes = model.depth, model.hidden_dim, model.num_classes
+        super().__init__(model)
+        self.started, self.done = started, done
 
     def forward(self, *args, **kwargs):
         self.started.set()
@@ -437,11 +444,10 @@ class SlowTeacher(nn.Module):
         return output
 
 
-class StudentFailingOnceTheTeacherRuns(nn.Module):
+class StudentFailingOnceTheTeacherRuns(BackboneWrapper):
     def __init__(self, model: nn.Module, teacher_started: threading.Event) -> None:
-        super().__init__()
-        self.model, self.teacher_started = model, teacher_started
-        self.depth, self.hidden_dim, self.num_classes = model.depth, model.hidden_dim, model.num_classes
+        super().__init__(model)
+        self.teacher_started = teacher_started
 
     def forward(self, *args, **kwargs):
         assert self.teacher_started.wait(timeout=30)
