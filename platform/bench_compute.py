@@ -22,6 +22,7 @@ GLIBC_DEFAULTS = {"SELFFLOW_ALLOCATOR": "default"}
 GLIBC_TUNED = {"SELFFLOW_ALLOCATOR": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 OMP_DEFAULT = {"OMP_WAIT_POLICY": None}  # libgomp's own default: spin a while, then sleep
 OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+TEACHER_THREAD_ALWAYS = "SelfFlowObjective.teacher_thread = 'always'"
 
 
 def with_threads(count: int, call):
@@ -86,16 +87,21 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
                   f"kernel 'auto', fused AdamW, teacher_thread 'auto')")
     glibc_defaults = "child process, glibc malloc defaults"
     glibc_tuned = "child process, glibc malloc: no mmap for large blocks, trim threshold 1 GiB"
-    omp_default = f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps)"
-    omp_passive = f"child process, {threads} threads, OMP_WAIT_POLICY=PASSIVE (the platform's setting)"
+    omp_default = (f"child process, {threads} threads, OpenMP wait policy unset (libgomp spins, then sleeps; "
+                   f"teacher_thread 'auto' then runs the teacher inline)")
+    omp_default_thread = (f"child process, {threads} threads, OpenMP wait policy unset, the teacher forced onto "
+                          f"the second thread (teacher_thread 'always')")
+    omp_passive = (f"child process, {threads} threads, OMP_WAIT_POLICY=PASSIVE (the platform's setting; "
+                   f"teacher_thread 'auto')")
     workers = {
         glibc_defaults: StepWorker(config, GLIBC_DEFAULTS, threads, scratch),
         glibc_tuned: StepWorker(config, GLIBC_TUNED, threads, scratch),
         omp_default: StepWorker(config, OMP_DEFAULT, threads, scratch),
+        omp_default_thread: StepWorker(config.with_(extra=(TEACHER_THREAD_ALWAYS,)), OMP_DEFAULT, threads, scratch),
         omp_passive: StepWorker(config, OMP_PASSIVE, threads, scratch),
     }
     baseline_of = {glibc_defaults: glibc_defaults, glibc_tuned: glibc_defaults,
-                   omp_default: omp_default, omp_passive: omp_default}
+                   omp_default: omp_default, omp_default_thread: omp_default, omp_passive: omp_default}
     variants = {
         configured: lambda: base.train_step(raw),
         f"{other} thread{'s' if other > 1 else ''}": with_threads(other, lambda: base.train_step(raw)),
@@ -174,7 +180,9 @@ def run(ctx: BenchContext) -> Section:
             "against before it on the main thread, the MLP activation (DiT's tanh-GELU is ~3x the cost of exact "
             "GELU on this CPU build, so the digits preset uses exact GELU), glibc's allocator settings and "
             "OpenMP's wait policy (these two "
-            "act at process start, so each pair runs in two child processes and is compared child to child)."
+            "act at process start, so each pair runs in two child processes and is compared child to child; "
+            "with OpenMP's threads spinning while idle, teacher_thread 'auto' keeps the teacher on the main "
+            "thread, and the row with the teacher forced onto the second thread shows why)."
         ),
         tables=[table] if breakdown is None else [table, breakdown],
         seconds=time.perf_counter() - started,

@@ -14,9 +14,15 @@ The result is bitwise the inline one: the teacher makes no random draws (the obj
 before starting it) and runs the same ops with the same thread count.
 
 Modes: "never"; "always"; "auto" = only on the CPU with more than one intra-op thread (with one,
-a thread would take a core the run was not given, e.g. a sweep's trials side by side). Every
-mode runs the teacher inline while a torch dispatch mode is active: such modes (FLOP counters,
-tracers) are thread-local and would not see the teacher's ops.
+a thread would take a core the run was not given, e.g. a sweep's trials side by side) and only
+while OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE, which the platform's entry
+points set: platform/omp.py). With spinning idle threads (the policy unset or ACTIVE) each thread's
+OpenMP team spins on the cores the other needs. Digits Self-Flow step, 2 threads, the median of 40
+steps in one process per setting, with the thread over without it: 1.31-1.44x with spinning
+threads (GOMP_SPINCOUNT 1e4 and 1e5, two runs each), 0.85x and 0.87x with PASSIVE.
+
+Every mode runs the teacher inline while a torch dispatch mode is active: such modes (FLOP
+counters, tracers) are thread-local and would not see the teacher's ops.
 
 Written here because no library overlaps two independent forwards of one step on CPU threads.
 """
@@ -34,6 +40,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from selfflow.components.core import has_spare_cpu_threads
 
 TEACHER_THREAD_MODES = ("auto", "always", "never")
+OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 AUTOCAST_DEVICES = ("cpu", "cuda", "mps")  # torch.is_autocast_enabled rejects others (meta)
 
 _executors: dict[int, ThreadPoolExecutor] = {}
@@ -46,11 +53,17 @@ def check_teacher_thread_mode(mode: str) -> str:
     return mode
 
 
+def openmp_threads_sleep_when_idle() -> bool:
+    """Whether OMP_WAIT_POLICY=PASSIVE is set: libgomp's idle threads then sleep instead of spinning.
+    Read from the environment, as OpenMP itself reads it (once, when torch loads it)."""
+    return os.environ.get(OMP_WAIT_POLICY_ENV, "").strip().upper() == "PASSIVE"
+
+
 def uses_teacher_thread(mode: str, device: torch.device) -> bool:
     """Whether a teacher forward on `device` runs on the worker thread under `mode`."""
     if mode == "never" or _get_current_dispatch_mode() is not None:
         return False
-    return mode == "always" or has_spare_cpu_threads(device)
+    return mode == "always" or (has_spare_cpu_threads(device) and openmp_threads_sleep_when_idle())
 
 
 def _executor() -> ThreadPoolExecutor:
