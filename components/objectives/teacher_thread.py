@@ -1,5 +1,7 @@
 """Run the EMA teacher's no-grad forward on a second thread while the student's forward runs.
 
+(REPA's frozen encoder uses the same worker: REPAObjective.encoder_thread.)
+
 The teacher's forward needs nothing from the student's, so the two can run at the same time.
 On a CPU this pays when torch has more than one intra-op thread: a tiny config's ops are too
 small to keep two cores busy (BENCHMARKS.md, compute efficiency: one thread is about as fast as
@@ -17,9 +19,10 @@ Modes: "never"; "always"; "auto" = only on the CPU with more than one intra-op t
 a thread would take a core the run was not given, e.g. a sweep's trials side by side) and only
 while OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE, which the platform's entry
 points set: platform/omp.py). With spinning idle threads (the policy unset or ACTIVE) each thread's
-OpenMP team spins on the cores the other needs. Digits Self-Flow step, 2 threads, the median of 40
-steps in one process per setting, with the thread over without it: 1.31-1.44x with spinning
-threads (GOMP_SPINCOUNT 1e4 and 1e5, two runs each), 0.85x and 0.87x with PASSIVE.
+OpenMP team spins on the cores the other needs. Digits Self-Flow step, 2 threads, one process per
+setting, with the thread over without it: 1.31-1.44x with spinning threads and 0.85-0.87x with
+PASSIVE (medians of 40 steps, processes one after the other: GOMP_SPINCOUNT 1e4 and 1e5, two
+runs each); 1.25x and 0.95x in bench/studies/openmp_policy.py (processes interleaved, 20 rounds).
 
 Every mode runs the teacher inline while a torch dispatch mode is active: such modes (FLOP
 counters, tracers) are thread-local and would not see the teacher's ops.
@@ -47,9 +50,9 @@ _executors: dict[int, ThreadPoolExecutor] = {}
 _executors_lock = threading.Lock()
 
 
-def check_teacher_thread_mode(mode: str) -> str:
+def check_teacher_thread_mode(mode: str, name: str = "teacher_thread") -> str:
     if mode not in TEACHER_THREAD_MODES:
-        raise ValueError(f"teacher_thread must be one of {TEACHER_THREAD_MODES}, got {mode!r}")
+        raise ValueError(f"{name} must be one of {TEACHER_THREAD_MODES}, got {mode!r}")
     return mode
 
 

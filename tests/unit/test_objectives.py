@@ -581,6 +581,61 @@ def test_repa_needs_encoder_input_and_matching_grid() -> None:
         objective(make_batch(), tiny_dit(), None, torch.Generator())
 
 
+def run_repa_with_encoder_thread(mode: str, threads: int) -> tuple:
+    """(loss terms, student and head gradients, names of the threads the encoder ran on)."""
+    model, batch = tiny_dit(0), make_batch()
+    threads_seen: list[str] = []
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:  # runs right before the encoder, on its thread
+        threads_seen.append(threading.current_thread().name)
+        return tokens_to_images(tokens)
+
+    objective = REPAObjective(UniformTime(), DigitEncoder("small", seed=3), hidden_dim=HIDDEN, depth=DEPTH,
+                              num_classes=CLASSES, head_hidden_width=16, encoder_input=decode, encoder_thread=mode)
+    randomised(objective.head, 3)  # the same head in every mode
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        terms = objective(batch, model, None, torch.Generator().manual_seed(13))
+        terms.total().backward()
+    finally:
+        torch.set_num_threads(previous)
+    grads = [p.grad for p in [*model.parameters(), *objective.head.parameters()]]
+    return terms, grads, threads_seen
+
+
+def test_repa_encoder_thread_gives_bitwise_the_same_loss_and_gradients() -> None:
+    inline = run_repa_with_encoder_thread("never", 2)
+    beside = run_repa_with_encoder_thread("always", 2)
+    assert inline[2] == [threading.main_thread().name] and len(beside[2]) == 1
+    assert beside[2][0].startswith("selfflow-teacher")
+    for name in ("flow", "rep"):
+        assert torch.equal(inline[0].terms[name], beside[0].terms[name])
+    assert all(torch.equal(x, y) for x, y in zip(inline[1], beside[1]))
+    with pytest.raises(ValueError, match="encoder_thread must be one of"):
+        REPAObjective(UniformTime(), DigitEncoder("small"), hidden_dim=HIDDEN, depth=DEPTH, encoder_thread="on")
+
+
+def test_repa_failing_student_waits_for_the_encoder_and_raises_its_own_error() -> None:
+    started, done = threading.Event(), []
+
+    class SlowEncoder(DigitEncoder):
+        def encode_patches(self, images):
+            started.set()
+            time.sleep(0.3)
+            features = super().encode_patches(images)
+            done.append(True)
+            return features
+
+    objective = REPAObjective(UniformTime(), SlowEncoder("small", seed=3), hidden_dim=HIDDEN, depth=DEPTH,
+                              num_classes=CLASSES, head_hidden_width=16, encoder_input=tokens_to_images,
+                              encoder_thread="always")
+    with pytest.raises(RuntimeError, match="student failed"):
+        objective(make_batch(), StudentFailingOnceTheTeacherRuns(tiny_dit(0), started), None,
+                  torch.Generator().manual_seed(0))
+    assert done == [True]
+
+
 def test_resize_token_grid() -> None:
     features = torch.randn(2, 16, 3)
     assert torch.equal(resize_token_grid(features, (4, 4), (4, 4)), features)
