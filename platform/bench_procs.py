@@ -65,8 +65,15 @@ class StepWorker:
             raise RuntimeError(f"step worker failed: {error[-1] if error else 'no output'}")
 
     def __call__(self) -> None:
+        self.send_step()
+        self.wait_step()
+
+    def send_step(self) -> None:
+        """Starts one step in the child without waiting (wait_step waits): children can step at once."""
         self.process.stdin.write("step\n")
         self.process.stdin.flush()
+
+    def wait_step(self) -> None:
         self._expect("DONE")
 
     def close(self) -> float | None:

@@ -230,6 +230,8 @@ def test_step_worker_runs_steps_in_a_child_and_reports_its_peak(tmp_path):
     worker = StepWorker(config, {"SELFFLOW_ALLOCATOR": "default", "OMP_WAIT_POLICY": None}, threads=1,
                         scratch=str(tmp_path))
     worker()
+    worker.send_step()  # the split form (bench/studies/openmp_policy.py steps two children at once)
+    worker.wait_step()
     peak = worker.close()
     assert peak is not None and peak > 10
 
