@@ -5,14 +5,17 @@ Why a hand-written kernel: on the digits shape (16 tokens, head dim 24, 512 samp
 PyTorch's CPU scaled_dot_product_attention parallelises poorly, and timm's unfused `q @ k^T` path is
 slow backward, because bmm falls back to one small matmul per (sample, head) when the incoming gradient
 is a permuted view. Plain bmm on contiguous (groups, N, d) tensors, backward written out, measured:
-- per call, forward + backward: 3.6-6.4 ms against SDPA's 7.3-9.5 ms; but in whole training steps
-  (same model, kernels interleaved) the digits FM step took 0.87x to 1.02x and Self-Flow 0.87x to
-  1.04x, depending on threads and OpenMP wait policy: not a reliable gain, so training keeps SDPA;
-- forward only (no autograd), 2 threads, OMP_WAIT_POLICY=PASSIVE: one sampling evaluation of 2000
-  digits 0.86x, the Self-Flow teacher's forward 0.83x; with 1 thread 1.02x (no gain).
-So "auto" (the default) runs bmm for forward-only calls on the CPU with more than one thread and at
-most BMM_MAX_TOKENS tokens, SDPA everywhere else; `make bench` (compute efficiency) measures "bmm" in
-training as well.
+- per call, forward + backward: 3.6-6.4 ms against SDPA's 7.3-9.5 ms;
+- whole digits training steps, 2 threads, OMP_WAIT_POLICY=PASSIVE, bmm over SDPA in the student:
+  Self-Flow 0.88-0.96x in six runs of `make bench`'s compute breakdown (interleaved, 12 rounds);
+  FM 0.90-0.95x and Self-Flow 0.91-0.97x in three scratch A/Bs (20-24 interleaved rounds); with
+  spinning OpenMP threads FM 0.84x, Self-Flow 0.89x; with 1 thread 0.97-0.98x;
+- forward only (no autograd), 2 threads, PASSIVE: one sampling evaluation of 2000 digits 0.86x,
+  the Self-Flow teacher's forward 0.83x; with 1 thread 1.02x (no gain).
+So "auto" (the default) runs bmm on the CPU with more than one thread for at most BMM_MAX_TOKENS
+tokens, in training and in forward-only calls, and SDPA everywhere else (an earlier rule kept
+training on SDPA: the first training-step readings, at mixed thread counts and wait policies,
+ranged 0.87-1.04x). `make bench` (compute efficiency) measures SDPA against it.
 """
 from __future__ import annotations
 
@@ -92,8 +95,7 @@ class TokenAttention(Attention):
                 raise ValueError(f"attention kernel 'bmm' runs on the CPU only, got a tensor on {x.device}; "
                                  f"use 'auto' or 'sdpa'")
             return True
-        forward_only = not (torch.is_grad_enabled() and x.requires_grad)
-        return forward_only and x.shape[1] <= BMM_MAX_TOKENS and has_spare_cpu_threads(x.device)
+        return x.shape[1] <= BMM_MAX_TOKENS and has_spare_cpu_threads(x.device)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if is_causal or not self.uses_bmm(x):

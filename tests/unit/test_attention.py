@@ -87,18 +87,19 @@ def test_bmm_kernel_matches_timm_sdpa_layer(qk_norm):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_picks_bmm_for_short_forward_only_cpu_calls_with_threads(monkeypatch):
+def test_auto_picks_bmm_for_short_cpu_calls_with_threads(monkeypatch):
     assert DiT(4, (4, 4), hidden_dim=16, depth=1, num_heads=4).blocks[0].attn.kernel == "auto"  # the default
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = TokenAttention(16, num_heads=4, kernel="auto")
     assert layer.uses_bmm(torch.zeros(2, BMM_MAX_TOKENS, 16))
     assert not layer.uses_bmm(torch.zeros(2, BMM_MAX_TOKENS + 1, 16))
     assert not layer.uses_bmm(torch.zeros(2, 4, 16, device="meta"))
-    assert not layer.uses_bmm(torch.zeros(2, 4, 16, requires_grad=True))  # training: SDPA
+    assert layer.uses_bmm(torch.zeros(2, 4, 16, requires_grad=True))  # training, too
     with torch.no_grad():
         assert layer.uses_bmm(torch.zeros(2, 4, 16, requires_grad=True))  # e.g. the EMA teacher
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert not layer.uses_bmm(torch.zeros(2, 4, 16))  # one thread: no gain measured
+    assert not layer.uses_bmm(torch.zeros(2, 4, 16))  # one thread: no gain measured forward-only
+    assert not layer.uses_bmm(torch.zeros(2, 4, 16, requires_grad=True))
     assert not TokenAttention(16, num_heads=4, kernel="sdpa").uses_bmm(torch.zeros(2, 4, 16))
     dropout = TokenAttention(16, num_heads=4, kernel="bmm", attn_drop=0.1)
     assert not dropout.uses_bmm(torch.zeros(2, 4, 16))  # training with attention dropout: timm's path
