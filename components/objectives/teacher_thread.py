@@ -2,14 +2,15 @@
 
 (REPA's frozen encoder uses the same worker: REPAObjective.encoder_thread.)
 
-The teacher's forward needs nothing from the student's, so the two can run at the same time.
-On a CPU this pays when torch has more than one intra-op thread: a tiny config's ops are too
-small to keep two cores busy (BENCHMARKS.md, compute efficiency: one thread is about as fast as
-two), so the second core idles through most of the student's forward. Both threads keep every
-intra-op thread: splitting them (one each while both run) measured 0.96-1.02x on the digits step
-and 1.03-1.04x on the S step, where the student's forward outlasts the teacher's. Measured, with
-the teacher inline as 1 (2 threads, OMP_WAIT_POLICY=PASSIVE, interleaved in one process): digits
-0.87x and 0.88x (16 rounds), S 0.89x and 0.98x (8 rounds). torch releases the GIL inside its
+The teacher's forward needs nothing from the student's, so the two can run at the same time. On a
+CPU this pays when torch has more than one intra-op thread: a tiny config's ops are too small to
+keep two cores busy (BENCHMARKS.md, compute efficiency: one thread took 0.97-1.28x the two-thread
+digits step since the teacher thread exists), so the second core idles through much of the student's
+forward. Both threads keep every intra-op thread: splitting them (one each while both run) measured
+0.96-1.02x on the digits step and 1.03-1.04x on the S step, where the student's forward outlasts the
+teacher's. Measured, with the teacher inline as 1 (2 threads, OMP_WAIT_POLICY=PASSIVE, interleaved
+in one process): digits 0.87x and 0.88x (16 rounds), S 0.89x and 0.98x (8 rounds); in make bench's
+breakdown (12 rounds) digits 0.86x, 0.92x, 0.87x and once 1.05x. torch releases the GIL inside its
 kernels, so a Python thread is enough: no process, no copy of the weights.
 
 The result is bitwise the inline one: the teacher makes no random draws (the objective draws
