@@ -76,6 +76,6 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def has_spare_cpu_threads(device: torch.device) -> bool:
-    """On the CPU with more than one intra-op thread: where a tiny config leaves a core idle, so a
-    forward-only fast path (attention kernel, teacher thread) may use it."""
+    """On the CPU with more than one intra-op thread: where a tiny config leaves a core partly idle,
+    so a CPU fast path (the bmm attention kernel, the teacher thread) may use it."""
     return device.type == "cpu" and torch.get_num_threads() > 1

@@ -22,7 +22,6 @@ GLIBC_DEFAULTS = {"SELFFLOW_ALLOCATOR": "default"}
 GLIBC_TUNED = {"SELFFLOW_ALLOCATOR": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 OMP_DEFAULT = {"OMP_WAIT_POLICY": None}  # libgomp's own default: spin a while, then sleep
 OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-TEACHER_THREAD_ALWAYS = "SelfFlowObjective.teacher_thread = 'always'"
 
 
 def with_threads(count: int, call):
@@ -97,7 +96,8 @@ def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
         glibc_defaults: StepWorker(config, GLIBC_DEFAULTS, threads, scratch),
         glibc_tuned: StepWorker(config, GLIBC_TUNED, threads, scratch),
         omp_default: StepWorker(config, OMP_DEFAULT, threads, scratch),
-        omp_default_thread: StepWorker(config.with_(extra=(TEACHER_THREAD_ALWAYS,)), OMP_DEFAULT, threads, scratch),
+        omp_default_thread: StepWorker(config.with_(extra=(setup.TEACHER_THREAD_ALWAYS,)), OMP_DEFAULT, threads,
+                                       scratch),
         omp_passive: StepWorker(config, OMP_PASSIVE, threads, scratch),
     }
     baseline_of = {glibc_defaults: glibc_defaults, glibc_tuned: glibc_defaults,

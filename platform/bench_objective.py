@@ -2,9 +2,10 @@
 
 Same backbone, batch and optimizer; both through the platform's Trainer.train_step
 (forward, backward, clipping, AdamW, EMA). Also Self-Flow with its fast paths off
-(full-depth teacher, modulation computed for every token, teacher not on a second thread). The FLOP ratio (counted from
-the matmuls) is the theory the time ratio is compared to: about one extra no-grad
-forward up to block 0.7 D on top of a forward + backward (~3 forwards), i.e. ~1.23.
+(full-depth teacher, modulation computed for every token, teacher not on a second thread).
+The FLOP ratio (counted from the matmuls) is the theory the time ratio is compared to:
+about one extra no-grad forward up to block 0.7 D on top of a forward + backward (~3 forwards),
+i.e. ~1.23.
 """
 from __future__ import annotations
 

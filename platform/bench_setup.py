@@ -30,6 +30,7 @@ SIZES = {  # (hidden_dim, depth, num_heads), as components/backbones/sizes.py
 EARLY_EXIT_OFF = "SelfFlowObjective.early_exit = False"
 GATHERED_MODULATION_OFF = "DiT.gathered_modulation = False"
 TEACHER_THREAD_OFF = "SelfFlowObjective.teacher_thread = 'never'"
+TEACHER_THREAD_ALWAYS = "SelfFlowObjective.teacher_thread = 'always'"  # even where 'auto' would not
 SLOW_PATHS = (EARLY_EXIT_OFF, GATHERED_MODULATION_OFF, TEACHER_THREAD_OFF)
 
 

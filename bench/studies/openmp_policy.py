@@ -20,9 +20,6 @@ import time
 from selfflow.platform import bench_setup as setup
 from selfflow.platform.bench_procs import StepWorker
 
-TEACHER = "SelfFlowObjective.teacher_thread = '{}'"
-
-
 def settings(spin: int) -> dict[str, tuple[setup.BenchConfig, dict]]:
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     spinning = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": str(spin)}
@@ -30,10 +27,10 @@ def settings(spin: int) -> dict[str, tuple[setup.BenchConfig, dict]]:
     return {
         "FM, PASSIVE": (setup.digits("fm"), passive),
         "FM, spinning": (setup.digits("fm"), spinning),
-        "Self-Flow, PASSIVE, teacher thread": (selfflow.with_(extra=(TEACHER.format("always"),)), passive),
-        "Self-Flow, PASSIVE, teacher inline": (selfflow.with_(extra=(TEACHER.format("never"),)), passive),
-        "Self-Flow, spinning, teacher thread": (selfflow.with_(extra=(TEACHER.format("always"),)), spinning),
-        "Self-Flow, spinning, teacher inline": (selfflow.with_(extra=(TEACHER.format("never"),)), spinning),
+        "Self-Flow, PASSIVE, teacher thread": (selfflow.with_(extra=(setup.TEACHER_THREAD_ALWAYS,)), passive),
+        "Self-Flow, PASSIVE, teacher inline": (selfflow.with_(extra=(setup.TEACHER_THREAD_OFF,)), passive),
+        "Self-Flow, spinning, teacher thread": (selfflow.with_(extra=(setup.TEACHER_THREAD_ALWAYS,)), spinning),
+        "Self-Flow, spinning, teacher inline": (selfflow.with_(extra=(setup.TEACHER_THREAD_OFF,)), spinning),
     }
 
 
@@ -61,10 +58,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     scratch = "runs/.cache/bench/scratch"
-    workers = {name: StepWorker(config, env, args.threads, scratch)
-               for name, (config, env) in settings(args.spin).items()}
-    twins = {name: StepWorker(*settings(args.spin)[name], args.threads, scratch)
-             for name in ("FM, PASSIVE", "FM, spinning")}
+    setups = settings(args.spin)
+    workers = {name: StepWorker(config, env, args.threads, scratch) for name, (config, env) in setups.items()}
+    twins = {name: StepWorker(*setups[name], args.threads, scratch) for name in ("FM, PASSIVE", "FM, spinning")}
     try:
         for worker in [*workers.values(), *twins.values()]:
             worker()  # warm-up

@@ -60,9 +60,9 @@ class TokenConditioning:
         if self.per_sample:
             return per_row.unsqueeze(1)
         if self.token_to_row is not None:
-            # embedding, not index_select: the same gather, but its backward (a deterministic
-            # per-row sum) measured 2x faster on the CPU than index_select's (index_add); the digits
-            # DTS-only step went from 1.10x to 1.05x the FM step (BENCHMARKS.md, item 1).
+            # embedding, not index_select: the same gather with the same result, but its backward
+            # (a deterministic per-row sum) measured 345 us against index_select's index_add 661 us
+            # on a digits layer; spread + modulation forward and backward 3.35 ms against 3.57 ms.
             per_row = F.embedding(self.token_to_row, per_row)
         return per_row.view(self.batch, self.tokens, per_row.shape[-1])
 

@@ -44,7 +44,11 @@ from selfflow.components.objectives.common import (
     resolve_layer,
 )
 from selfflow.components.objectives.heads import ProjectorHead
-from selfflow.components.objectives.teacher_thread import abandon, check_teacher_thread_mode, start_teacher
+from selfflow.components.objectives.teacher_thread import (
+    check_teacher_thread_mode,
+    start_teacher,
+    waits_for_teacher_on_error,
+)
 from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import TimeDistribution
 
@@ -169,11 +173,8 @@ class REPAObjective(nn.Module):
         pending_target = start_teacher(lambda: self.target_features(x0, grid), self.encoder_thread, x0.device)
 
         l = self.student_layer
-        try:
+        with waits_for_teacher_on_error(pending_target):
             student = model(self.path.interpolate(x0, eps, t), t, cond, return_layers=(l,))
-        except BaseException:
-            abandon(pending_target)
-            raise
         projected = self.head(student.hidden[l])
         rep = cosine_alignment_loss(projected, pending_target.result().to(projected.dtype))
         return LossTerms(

@@ -34,7 +34,11 @@ from selfflow.components.objectives.common import (
     token_cosine,
 )
 from selfflow.components.objectives.heads import ProjectorHead
-from selfflow.components.objectives.teacher_thread import abandon, check_teacher_thread_mode, start_teacher
+from selfflow.components.objectives.teacher_thread import (
+    check_teacher_thread_mode,
+    start_teacher,
+    waits_for_teacher_on_error,
+)
 from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
 
@@ -56,7 +60,8 @@ class SelfFlowObjective(nn.Module):
         other in the student; "both": in the teacher too (group ids = mask).
     early_exit: run the teacher only up to block k.
     teacher_thread: "auto", "always" or "never": run the teacher's forward on a second thread,
-        at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread).
+        at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread,
+        PASSIVE OpenMP).
     """
 
     def __init__(
@@ -159,13 +164,9 @@ class SelfFlowObjective(nn.Module):
                           if aligning else None)
 
         l = self.student_layer
-        try:
+        with waits_for_teacher_on_error(pending_target):
             student = model(self.path.interpolate(x0, eps, draws.token_t), draws.token_t, cond,
                             return_layers=(l,) if aligning else (), attn_groups=groups)
-        except BaseException:
-            if pending_target is not None:
-                abandon(pending_target)
-            raise
         terms = {"flow": flow_matching_loss(student.velocity, self.path.velocity_target(x0, eps))}
         weights = {"flow": 1.0}
         diagnostics = {

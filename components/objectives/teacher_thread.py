@@ -35,8 +35,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
-from typing import Callable
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -102,8 +102,14 @@ def start_teacher(compute: Callable[[], torch.Tensor], mode: str, device: torch.
     return _executor().submit(run)
 
 
-def abandon(pending: Future) -> None:
-    """Waits for a started teacher whose result is no longer wanted (the student failed), so that
-    no forward still reads the teacher's weights when the caller's error reaches the trainer."""
-    if not pending.cancel():
-        pending.exception()  # waits; the student's error is the one to report
+@contextmanager
+def waits_for_teacher_on_error(pending: Future | None) -> Iterator[None]:
+    """Around the student's forward: if it fails, waits for a started teacher (`pending`, or None
+    when there is none) before the error propagates, so that no forward still reads the teacher's
+    weights when the error reaches the trainer. The student's error is the one reported."""
+    try:
+        yield
+    except BaseException:
+        if pending is not None and not pending.cancel():
+            pending.exception()  # waits
+        raise
