@@ -60,6 +60,26 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     return statistics.median(a / b for a, b in zip(numerator.samples, denominator.samples))
 
 
+def paired_ratio_interval(numerator: Timing, denominator: Timing, confidence: float = 0.95,
+                          resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of paired_ratio: the rounds are resampled with replacement.
+
+    It measures how much the median moves with the rounds this run happened to draw; the drift of
+    a shared machine between runs comes on top of it.
+    """
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and resamples >= 1, got {confidence}, {resamples}")
+    paired_ratio(numerator, denominator)  # the same length checks
+    ratios = torch.tensor([a / b for a, b in zip(numerator.samples, denominator.samples)], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=generator)
+    # quantile(0.5) averages the two middle values, as statistics.median does.
+    medians = ratios[picks].quantile(0.5, dim=1)
+    tail = (1 - confidence) / 2
+    low, high = medians.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
 def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 2,
                 inner: int = 1) -> dict[str, Timing]:
     """Time every variant `repeats` times, round-robin, alternating the order each round.
@@ -186,23 +206,45 @@ def current_rss_mb() -> float:
 
 @dataclass
 class Target:
-    """One target of the issue: `value op threshold` (op '<=' or '>=')."""
+    """One target of the issue: `value op threshold` (op '<=' or '>=').
+
+    interval: (low, high) around value, e.g. paired_ratio_interval's; when it reaches across the
+    threshold the verdict says the run cannot tell (`within_noise`).
+    """
 
     name: str
     value: float
     threshold: float
     op: str
     detail: str = ""
+    interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("<=", ">="):
             raise ValueError(f"Target.op must be '<=' or '>=', got {self.op!r}")
+        if self.interval is not None and not self.interval[0] <= self.interval[1]:
+            raise ValueError(f"Target.interval must be (low, high) with low <= high, got {self.interval!r}")
+
+    def _satisfies(self, value: float) -> bool:
+        if value != value:  # NaN: not measured
+            return False
+        return value <= self.threshold if self.op == "<=" else value >= self.threshold
 
     @property
     def met(self) -> bool:
-        if self.value != self.value:  # NaN: not measured
+        """The point estimate meets the target."""
+        return self._satisfies(self.value)
+
+    @property
+    def within_noise(self) -> bool:
+        """The interval holds values on both sides of the threshold."""
+        if self.interval is None:
             return False
-        return self.value <= self.threshold if self.op == "<=" else self.value >= self.threshold
+        return self._satisfies(self.interval[0]) != self._satisfies(self.interval[1])
+
+    @property
+    def verdict(self) -> str:
+        return ("met" if self.met else "NOT met") + (", within noise" if self.within_noise else "")
 
 
 @dataclass

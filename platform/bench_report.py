@@ -47,11 +47,23 @@ def render_table(table: Table) -> str:
     return "\n".join(lines)
 
 
+def render_interval(target: Target) -> str:
+    if target.interval is None:
+        return "-"
+    low, high = target.interval
+    return f"{format_cell(low)}-{format_cell(high)}"
+
+
 def render_target(target: Target) -> str:
-    verdict = "met" if target.met else "NOT met"
     detail = f" ({target.detail})" if target.detail else ""
-    return (f"{target.name}: {format_cell(target.value)} (target {target.op} {format_cell(target.threshold)}) "
-            f"-> **{verdict}**{detail}")
+    interval = f", 95% interval {render_interval(target)}" if target.interval is not None else ""
+    return (f"{target.name}: {format_cell(target.value)} (target {target.op} {format_cell(target.threshold)}"
+            f"{interval}) -> **{target.verdict}**{detail}")
+
+
+def summary_verdict(target: Target) -> str:
+    met = "yes" if target.met else "**no**"
+    return f"{met}, within noise" if target.within_noise else met
 
 
 def render_section(number: int, section: Section) -> str:
@@ -89,10 +101,14 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
     ]
     targets = [(number, target) for number, section in enumerate(sections, start=1) for target in section.targets]
     if targets:
-        lines += ["## Targets", "", "| item | target | measured | goal | met |", "|---|---|---|---|---|"]
+        lines += ["## Targets", "",
+                  "\"95% interval\": bootstrap over the interleaved rounds of one run (see each item); "
+                  "\"within noise\" means it reaches across the goal, so this run cannot tell. The drift of "
+                  "a shared machine between runs comes on top of it.", "",
+                  "| item | target | measured | 95% interval | goal | met |", "|---|---|---|---|---|---|"]
         for number, target in targets:
-            lines.append(f"| {number} | {target.name} | {format_cell(target.value)} | {target.op} "
-                         f"{format_cell(target.threshold)} | {'yes' if target.met else '**no**'} |")
+            lines.append(f"| {number} | {target.name} | {format_cell(target.value)} | {render_interval(target)} | "
+                         f"{target.op} {format_cell(target.threshold)} | {summary_verdict(target)} |")
         lines.append("")
     for number, section in enumerate(sections, start=1):
         lines.append(render_section(number, section))

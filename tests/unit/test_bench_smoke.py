@@ -20,6 +20,7 @@ from selfflow.platform.bench_core import (
     fit_power_law,
     interleaved,
     paired_ratio,
+    paired_ratio_interval,
 )
 from selfflow.platform.bench_flops import count_flops
 from selfflow.platform.bench_report import format_cell, render_report, render_table
@@ -82,6 +83,25 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
         paired_ratio(Timing([1.0]), Timing([1.0, 2.0]))
 
 
+def test_paired_ratio_interval_is_a_bootstrap_of_the_median_over_rounds():
+    # Two rounds with ratios 1 and 3: a resample's median is 1, 2 or 3 with odds 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% quantiles are the extremes.
+    assert paired_ratio_interval(Timing([1.0, 6.0]), Timing([1.0, 2.0])) == (1.0, 3.0)
+    steady = paired_ratio_interval(Timing([2.0] * 9), Timing([1.0] * 9))
+    assert steady == (2.0, 2.0)
+    numerator = Timing([1.2, 1.3, 1.25, 1.4, 1.1, 1.27, 1.22, 1.31])
+    denominator = Timing([1.0] * 8)
+    low, high = paired_ratio_interval(numerator, denominator)
+    assert low <= paired_ratio(numerator, denominator) <= high and low < high
+    assert (low, high) == paired_ratio_interval(numerator, denominator)  # seeded
+    narrow = paired_ratio_interval(numerator, denominator, confidence=0.5)
+    assert low <= narrow[0] <= narrow[1] <= high
+    with pytest.raises(ValueError, match="confidence"):
+        paired_ratio_interval(numerator, denominator, confidence=1.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio_interval(Timing([1.0]), Timing([1.0, 2.0]))
+
+
 def test_power_law_and_line_fits_recover_known_parameters():
     xs = [16.0, 64.0, 256.0, 1024.0]
     exponent, scale = fit_power_law(xs, [3.0 * x**1.5 for x in xs])
@@ -101,6 +121,20 @@ def test_targets_know_their_direction_and_nan_is_not_met():
     assert not Target("c", math.nan, 1.0, "<=").met
     with pytest.raises(ValueError, match="op"):
         Target("d", 1.0, 1.0, "<")
+
+
+def test_a_target_whose_interval_crosses_the_goal_is_within_noise():
+    clear = Target("a", 1.1, 1.25, "<=", interval=(1.05, 1.2))
+    assert clear.met and not clear.within_noise and clear.verdict == "met"
+    edge = Target("a", 1.24, 1.25, "<=", interval=(1.2, 1.3))
+    assert edge.met and edge.within_noise and edge.verdict == "met, within noise"
+    over = Target("a", 1.27, 1.25, "<=", interval=(1.2, 1.3))
+    assert over.verdict == "NOT met, within noise"
+    assert Target("a", 1.4, 1.25, "<=", interval=(1.3, 1.5)).verdict == "NOT met"
+    assert Target("b", 12.0, 10.0, ">=", interval=(9.0, 13.0)).verdict == "met, within noise"
+    assert Target("c", 1.0, 1.25, "<=").verdict == "met"
+    with pytest.raises(ValueError, match="interval"):
+        Target("d", 1.0, 1.25, "<=", interval=(1.2, 1.1))
 
 
 def test_results_log_appends_one_json_line_per_measurement(tmp_path):
@@ -126,7 +160,12 @@ def test_report_renders_tables_targets_and_machine():
     machine = {"cpu": "Test CPU", "logical_cpus": 2, "torch": "x", "torch_threads": 2}
     text = render_report([section], machine, {"command": "bench --quick", "git_commit": "abc", "quick": True}, 60.0)
     assert "Test CPU" in text and "## 1. Objective cost" in text and "cmd --only objective" in text
-    assert "| 1 | SF / FM | 1.3 | <= 1.25 | **no** |" in text
+    assert "| 1 | SF / FM | 1.3 | - | <= 1.25 | **no** |" in text
+    noisy = Section("objective", "Objective cost", "cmd", "meaning",
+                    targets=[Target("SF / FM", 1.24, 1.25, "<=", interval=(1.2, 1.3))])
+    text = render_report([noisy], machine, {"command": "bench", "git_commit": "abc"}, 60.0)
+    assert "| 1 | SF / FM | 1.24 | 1.2-1.3 | <= 1.25 | yes, within noise |" in text
+    assert "SF / FM: 1.24 (target <= 1.25, 95% interval 1.2-1.3) -> **met, within noise**" in text
 
 
 def test_main_writes_the_report_and_results(tmp_path, monkeypatch):
