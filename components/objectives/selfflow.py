@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -43,6 +44,8 @@ from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
 
 ATTENTION_SEPARATIONS = ("none", "student", "both")
+TEACHER_PRECISIONS = ("float32", "bfloat16")
+LOWER_PRECISION_DEVICES = ("cpu", "cuda")  # where torch.autocast runs bfloat16
 
 
 class SelfFlowObjective(nn.Module):
@@ -62,6 +65,13 @@ class SelfFlowObjective(nn.Module):
     teacher_thread: "auto", "always" or "never": run the teacher's forward on a second thread,
         at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread,
         PASSIVE OpenMP).
+    teacher_precision: "float32" (the method as written) or "bfloat16": the teacher's forward under
+        bfloat16 autocast, its features cast back to the input's dtype. A cheaper target, not the
+        same one: on the trained digits model of `make bench` the features moved by 3.8e-3 relative
+        (1 - cos 7e-6 per token on average). The S step measured 0.93-0.96x, the digits step no
+        faster, on a CPU with AVX512-BF16 (BENCHMARKS.md, objective cost); where bfloat16 matmuls
+        are emulated it is slower.
+        Under the trainer's own bf16 autocast the teacher runs that way whatever this says.
     """
 
     def __init__(
@@ -82,6 +92,7 @@ class SelfFlowObjective(nn.Module):
         attention_separation: str = "none",
         early_exit: bool = True,
         teacher_thread: str = "auto",
+        teacher_precision: str = "float32",
     ) -> None:
         super().__init__()
         if (time_dist is None) == (scheduler is None):
@@ -99,6 +110,8 @@ class SelfFlowObjective(nn.Module):
                              f"got {attention_separation!r}")
         if not isinstance(early_exit, bool):
             raise TypeError(f"early_exit must be a bool, got {early_exit!r}")
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}")
         self.scheduler = scheduler
         self.hidden_dim = hidden_dim
         self.depth = depth
@@ -112,6 +125,7 @@ class SelfFlowObjective(nn.Module):
         self.attention_separation = attention_separation
         self.early_exit = early_exit
         self.teacher_thread = check_teacher_thread_mode(teacher_thread)
+        self.teacher_precision = teacher_precision
         self.path = LinearPath()
         # gamma = 0 trains no head: no unused parameters (DDP would complain) and no teacher.
         self.head = (ProjectorHead(hidden_dim, hidden_dim, head_kind, head_hidden_width)
@@ -121,6 +135,7 @@ class SelfFlowObjective(nn.Module):
         return (f"gamma={self.gamma}, student_layer={self.student_layer}, teacher_layer={self.teacher_layer}, "
                 f"rep_loss={self.rep_loss!r}, attention_separation={self.attention_separation!r}, "
                 f"early_exit={self.early_exit}, teacher_thread={self.teacher_thread!r}, "
+                f"teacher_precision={self.teacher_precision!r}, "
                 f"scheduler={self.scheduler!r}")
 
     def _start_teacher_features(self, teacher: nn.Module | None, x0: torch.Tensor, eps: torch.Tensor,
@@ -132,15 +147,23 @@ class SelfFlowObjective(nn.Module):
                              "(gamma=0 runs without one)")
         check_model_matches(teacher, self.hidden_dim, self.depth, self.num_classes, role="teacher")
         k = self.teacher_layer
+        device_type = x0.device.type
+        if self.teacher_precision == "bfloat16" and device_type not in LOWER_PRECISION_DEVICES:
+            raise ValueError(f"teacher_precision 'bfloat16' runs on {LOWER_PRECISION_DEVICES} only, "
+                             f"got tensors on {x0.device}; use 'float32'")
 
         def compute() -> torch.Tensor:
-            with torch.no_grad():
+            # Checked here, on the thread that runs the teacher: start_teacher hands it the caller's autocast.
+            lowered = self.teacher_precision == "bfloat16" and not torch.is_autocast_enabled(device_type)
+            precision = torch.autocast(device_type, dtype=torch.bfloat16) if lowered else nullcontext()
+            with torch.no_grad(), precision:
                 output = teacher(
                     self.path.interpolate(x0, eps, teacher_t), teacher_t, cond,
                     return_layers=(k,), stop_at=k if self.early_exit else None,
                     attn_groups=groups if self.attention_separation == "both" else None,
                 )
-            return output.hidden[k].detach()
+            features = output.hidden[k].detach()
+            return features.to(x0.dtype) if lowered else features
 
         return start_teacher(compute, self.teacher_thread, x0.device)
 
@@ -212,6 +235,7 @@ class SRAObjective(SelfFlowObjective):
         num_classes: int = 0,
         early_exit: bool = True,
         teacher_thread: str = "auto",
+        teacher_precision: str = "float32",
     ) -> None:
         scheduler = DualTimestepScheduler(time_dist, mask_ratio=0.0, teacher_time="sra", sra_gap=sra_gap)
         super().__init__(
@@ -219,5 +243,5 @@ class SRAObjective(SelfFlowObjective):
             student_layer=student_layer, teacher_layer=teacher_layer, head_kind=head_kind,
             head_hidden_width=head_hidden_width, rep_loss=rep_loss, label_dropout=label_dropout,
             num_classes=num_classes, attention_separation="none", early_exit=early_exit,
-            teacher_thread=teacher_thread,
+            teacher_thread=teacher_thread, teacher_precision=teacher_precision,
         )

@@ -437,6 +437,51 @@ def test_the_worker_carries_autocast_and_the_thread_count() -> None:
         torch.set_num_threads(previous)
 
 
+def rep_with_teacher_precision(precision: str, mode: str = "never", autocast: bool = False) -> tuple:
+    """(loss terms, (prediction dtype, target dtype) as the alignment loss sees them)."""
+    student, teacher, batch = tiny_dit(0), tiny_dit(5), make_batch()
+    objective = selfflow(teacher_precision=precision, teacher_thread=mode)
+    objective.load_state_dict(randomised(selfflow(), 3).state_dict())
+    seen: list = []
+    alignment = objective.alignment
+    objective.alignment = lambda prediction, target: (seen.append((prediction.dtype, target.dtype)),
+                                                      alignment(prediction, target))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        terms = objective(batch, student, teacher, torch.Generator().manual_seed(7))
+    return terms, seen[0]
+
+
+def test_a_bfloat16_teacher_gives_a_rounded_float32_target_on_either_thread() -> None:
+    exact, exact_dtypes = rep_with_teacher_precision("float32")
+    assert exact_dtypes == (torch.float32, torch.float32)
+    for mode in ("never", "always"):
+        rounded, dtypes = rep_with_teacher_precision("bfloat16", mode)
+        assert dtypes == (torch.float32, torch.float32)
+        assert torch.equal(rounded.terms["flow"], exact.terms["flow"])  # the student is untouched
+        # Rounded (so the worker ran under the autocast too), but only slightly.
+        assert not torch.equal(rounded.terms["rep"], exact.terms["rep"])
+        torch.testing.assert_close(rounded.terms["rep"], exact.terms["rep"], rtol=2e-2, atol=2e-3)
+    assert torch.equal(rep_with_teacher_precision("bfloat16", "always")[0].terms["rep"],
+                       rep_with_teacher_precision("bfloat16", "never")[0].terms["rep"])
+
+
+def test_under_the_trainers_autocast_the_teacher_precision_changes_nothing() -> None:
+    exact, exact_dtypes = rep_with_teacher_precision("float32", autocast=True)
+    rounded, dtypes = rep_with_teacher_precision("bfloat16", autocast=True)
+    assert dtypes == exact_dtypes and torch.equal(rounded.terms["rep"], exact.terms["rep"])
+    assert not torch.equal(exact.terms["rep"], rep_with_teacher_precision("float32")[0].terms["rep"])
+
+
+def test_a_bad_teacher_precision_names_itself() -> None:
+    with pytest.raises(ValueError, match="teacher_precision must be one of"):
+        selfflow(teacher_precision="float16")
+    objective = selfflow(teacher_precision="bfloat16")
+    with pytest.raises(ValueError, match="teacher_precision 'bfloat16' runs on"):
+        objective._start_teacher_features(tiny_dit(5), torch.zeros(B, N, P, device="meta"),
+                                          torch.zeros(B, N, P, device="meta"), torch.zeros(B, device="meta"),
+                                          None, None)
+
+
 class SlowTeacher(BackboneWrapper):
     """A teacher that signals when it starts, takes a while, and notes when it is done."""
 
