@@ -147,6 +147,21 @@ def cpu_model() -> str:
     return _stdlib_platform.processor() or "unknown"
 
 
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # instructions that run bfloat16 matmuls natively
+
+
+def cpu_bfloat16_flags() -> list[str] | None:
+    """Which of BFLOAT16_CPU_FLAGS /proc/cpuinfo lists ([]: bfloat16 matmuls are emulated); None if unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in BFLOAT16_CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return None
+
+
 def git_state() -> tuple[str, bool]:
     """(commit hash, whether the working tree has changes)."""
     def git(*args: str) -> str:
@@ -173,6 +188,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu_model(),
+        "cpu_bfloat16": cpu_bfloat16_flags(),
         "logical_cpus": os.cpu_count(),
         "memory_gb": round(memory_gb, 1),
         "torch_threads": torch.get_num_threads(),

@@ -78,6 +78,14 @@ def render_section(number: int, section: Section) -> str:
     return "\n".join(parts)
 
 
+def render_bfloat16(flags: Sequence[str] | None) -> str:
+    if flags is None:
+        return "bfloat16 instructions unknown"
+    if not flags:
+        return "no bfloat16 instructions (bfloat16 matmuls are emulated)"
+    return "bfloat16 instructions: " + ", ".join(flags)
+
+
 def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_info: Mapping[str, Any],
                   total_seconds: float) -> str:
     dirty = " (with uncommitted changes)" if run_info.get("git_dirty") else ""
@@ -92,7 +100,7 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
         f"total {total_seconds / 60:.1f} min",
         f"- Code: git `{str(run_info.get('git_commit'))[:12]}`{dirty}",
         f"- Machine: {machine.get('cpu')}, {machine.get('logical_cpus')} logical CPUs, "
-        f"{machine.get('memory_gb')} GB RAM, {machine.get('os')}",
+        f"{machine.get('memory_gb')} GB RAM, {machine.get('os')}; {render_bfloat16(machine.get('cpu_bfloat16'))}",
         f"- Software: torch {machine.get('torch')} ({machine.get('torch_threads')} intra-op threads, "
         f"{machine.get('torch_interop_threads')} inter-op), Python {machine.get('python')}",
         f"- Load average when the run started: {machine.get('load_average_at_start')} (the machine is shared; "

@@ -32,6 +32,8 @@ GATHERED_MODULATION_OFF = "DiT.gathered_modulation = False"
 TEACHER_THREAD_OFF = "SelfFlowObjective.teacher_thread = 'never'"
 TEACHER_THREAD_ALWAYS = "SelfFlowObjective.teacher_thread = 'always'"  # even where 'auto' would not
 SLOW_PATHS = (EARLY_EXIT_OFF, GATHERED_MODULATION_OFF, TEACHER_THREAD_OFF)
+# Not a fast path of the method: a cheaper, rounded target (SelfFlowObjective.teacher_precision).
+TEACHER_BFLOAT16 = "SelfFlowObjective.teacher_precision = 'bfloat16'"
 
 
 @dataclass(frozen=True)

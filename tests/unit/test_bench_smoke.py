@@ -166,6 +166,9 @@ def test_report_renders_tables_targets_and_machine():
     text = render_report([noisy], machine, {"command": "bench", "git_commit": "abc"}, 60.0)
     assert "| 1 | SF / FM | 1.24 | 1.2-1.3 | <= 1.25 | yes, within noise |" in text
     assert "SF / FM: 1.24 (target <= 1.25, 95% interval 1.2-1.3) -> **met, within noise**" in text
+    assert "bfloat16 instructions unknown" in text
+    for flags, shown in ((["avx512_bf16"], "bfloat16 instructions: avx512_bf16"), ([], "matmuls are emulated")):
+        assert shown in render_report([noisy], {**machine, "cpu_bfloat16": flags}, {"command": "bench"}, 1.0)
 
 
 def test_main_writes_the_report_and_results(tmp_path, monkeypatch):
