@@ -80,8 +80,9 @@ def run(ctx: BenchContext) -> Section:
     # only: its single-path variants cost ~30 s each of make bench's 20 minutes (their ratios on S,
     # 1.48 and 1.62, are in bench/results.jsonl from earlier runs). The teacher thread's own cost is
     # in the compute item's breakdown (digits), not a variant here: ~15 s more. S runs 16 rounds (~6.5 s
-    # each): with 8, its target's 95% interval was 0.10 wide (1.24-1.34).
-    plans = [(setup.digits(batch_size=128), ctx.pick(24, 4), ctx.pick(3, 1), True)]
+    # each): with 8, its target's 95% interval was 0.10 wide (1.24-1.34). Digits runs 40 (~1.4 s each): with
+    # 24, 0.15-0.17 wide.
+    plans = [(setup.digits(batch_size=128), ctx.pick(40, 4), ctx.pick(3, 1), True)]
     if not ctx.quick:  # the quick smoke run keeps to the digits config (< 3 min for every item)
         plans.append((setup.s_size(batch_size=4), 16, 1, False))
     rows, targets = [], []
