@@ -67,10 +67,10 @@ class SelfFlowObjective(nn.Module):
         PASSIVE OpenMP).
     teacher_precision: "float32" (the method as written) or "bfloat16": the teacher's forward under
         bfloat16 autocast, its features cast back to the input's dtype. A cheaper target, not the
-        same one: on the trained digits model of `make bench` the features moved by 3.8e-3 relative
-        (1 - cos 7e-6 per token on average). The S step measured 0.93-0.96x, the digits step no
-        faster, on a CPU with AVX512-BF16 (BENCHMARKS.md, objective cost); where bfloat16 matmuls
-        are emulated it is slower.
+        same one: on the trained digits model of `make bench` the features moved by 7.2e-3 relative,
+        1 - cos per token 2.1e-5 on average and 2.7e-3 at most (bench/studies/teacher_precision.py).
+        The S step measured 0.93-0.96x and the digits step 0.95-1.02x on a CPU with AVX512-BF16
+        (BENCHMARKS.md, objective cost); where bfloat16 matmuls are emulated it is slower.
         Under the trainer's own bf16 autocast the teacher runs that way whatever this says.
     """
 
