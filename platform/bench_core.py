@@ -52,12 +52,17 @@ class Timing:
         return (q3 - q1) / self.median
 
 
-def paired_ratio(numerator: Timing, denominator: Timing) -> float:
-    """Median over repeats of numerator_r / denominator_r (both measured in the same round)."""
+def per_round_ratios(numerator: Timing, denominator: Timing) -> list[float]:
+    """numerator_r / denominator_r for every round r (both measured in the same round)."""
     if len(numerator.samples) != len(denominator.samples) or not numerator.samples:
-        raise ValueError(f"paired_ratio needs timings of equal, non-zero length, got "
+        raise ValueError(f"paired ratios need timings of equal, non-zero length, got "
                          f"{len(numerator.samples)} and {len(denominator.samples)}")
-    return statistics.median(a / b for a, b in zip(numerator.samples, denominator.samples))
+    return [a / b for a, b in zip(numerator.samples, denominator.samples)]
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median over repeats of numerator_r / denominator_r."""
+    return statistics.median(per_round_ratios(numerator, denominator))
 
 
 def paired_ratio_interval(numerator: Timing, denominator: Timing, confidence: float = 0.95,
@@ -69,8 +74,7 @@ def paired_ratio_interval(numerator: Timing, denominator: Timing, confidence: fl
     """
     if not 0 < confidence < 1 or resamples < 1:
         raise ValueError(f"need 0 < confidence < 1 and resamples >= 1, got {confidence}, {resamples}")
-    paired_ratio(numerator, denominator)  # the same length checks
-    ratios = torch.tensor([a / b for a, b in zip(numerator.samples, denominator.samples)], dtype=torch.float64)
+    ratios = torch.tensor(per_round_ratios(numerator, denominator), dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=generator)
     # quantile(0.5) averages the two middle values, as statistics.median does.

@@ -97,10 +97,12 @@ train(files, params, run_dir=run_dir, tracking=False, progress=False)
 BACKGROUND_KEY = "sampling_model"
 
 
+MODEL_STEPS, QUICK_MODEL_STEPS = 1500, 40  # training steps of the item's model (studies read MODEL_STEPS)
+
+
 def model_steps(ctx: BenchContext) -> int:
-    """1500 steps; the quick run trains 40 unless the full model is cached already."""
-    full_steps, quick_steps = 1500, 40
-    return full_steps if not ctx.quick or is_trained(ctx, full_steps) else quick_steps
+    """MODEL_STEPS; the quick run trains QUICK_MODEL_STEPS unless the full model is cached already."""
+    return MODEL_STEPS if not ctx.quick or is_trained(ctx, MODEL_STEPS) else QUICK_MODEL_STEPS
 
 
 def start_background_training(ctx: BenchContext) -> bool:

@@ -33,7 +33,7 @@ def train_longer(args: argparse.Namespace) -> None:
     from selfflow.platform.run import train
 
     bench = SimpleNamespace(cache_dir=Path(args.cache))  # what model_run reads of a BenchContext
-    files, params, _ = bench_sampling.model_run(bench, 1500)
+    files, params, _ = bench_sampling.model_run(bench, bench_sampling.MODEL_STEPS)
     params = [p for p in params if not p.startswith(("TrainConfig.steps", "TrainConfig.checkpoint_every"))]
     params += [f"TrainConfig.steps = {args.steps}", f"TrainConfig.checkpoint_every = {args.every}",
                f"TrainConfig.keep_checkpoints = {args.steps // args.every + 1}"] + list(args.bind)

@@ -24,7 +24,7 @@ from selfflow.platform.bench_core import DEFAULT_CACHE
 def bench_model_dir(cache: Path) -> Path:
     from selfflow.platform import bench_sampling
 
-    return bench_sampling.model_run(SimpleNamespace(cache_dir=cache), 1500)[2]
+    return bench_sampling.model_run(SimpleNamespace(cache_dir=cache), bench_sampling.MODEL_STEPS)[2]
 
 
 def main(argv: list[str] | None = None) -> None:
