@@ -36,6 +36,7 @@ from selfflow.platform.bench_core import (  # noqa: E402
     new_run_info,
 )
 from selfflow.components.files import write_text_atomic  # noqa: E402
+from selfflow.platform.bench_history import histories, read_records  # noqa: E402
 from selfflow.platform.bench_report import render_report, render_section  # noqa: E402
 
 ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
@@ -80,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m selfflow.platform.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     run_info = new_run_info(args.quick, command.strip())
     machine = machine_info()
+    if args.results and Path(args.results).exists():
+        try:  # the report follows targets across the runs on record: a bad file fails now, not after the run
+            read_records(args.results)
+        except ValueError as error:
+            raise SystemExit(f"bench: {error}") from None
     results = ResultsLog(args.results or None, run_info)
     results.record("machine", "info", 0, "", **machine, command=run_info["command"])
     cache = Path(args.cache)
@@ -105,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.record("run", "total_seconds", total, "s", items=items)
     if args.out:
         # Atomic: an interrupted bench never leaves half a report.
-        path = write_text_atomic(args.out, render_report([sections[name] for name in items], machine, run_info, total))
+        chosen = [sections[name] for name in items]
+        followed = (histories(read_records(args.results), [t for section in chosen for t in section.targets])
+                    if args.results else [])
+        path = write_text_atomic(args.out, render_report(chosen, machine, run_info, total, followed))
         ctx.log(f"report written to {path} ({total / 60:.1f} min)")
     return 0
 

@@ -230,6 +230,10 @@ class Target:
 
     interval: (low, high) around value, e.g. paired_ratio_interval's; when it reaches across the
     threshold the verdict says the run cannot tell (`within_noise`).
+    record: the fields that select this target's value among the results file's records (e.g.
+        {"item": "objective", "metric": "selfflow_over_fm", "config": "digits"}), so the report can
+        follow it across runs (bench_history.py); None: not followed.
+    missing_below: recorded values below it mean "not reached" (e.g. -1 NFE), NaN between runs.
     """
 
     name: str
@@ -238,6 +242,8 @@ class Target:
     op: str
     detail: str = ""
     interval: tuple[float, float] | None = None
+    record: Mapping[str, Any] | None = None
+    missing_below: float | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("<=", ">="):
@@ -245,7 +251,7 @@ class Target:
         if self.interval is not None and not self.interval[0] <= self.interval[1]:
             raise ValueError(f"Target.interval must be (low, high) with low <= high, got {self.interval!r}")
 
-    def _satisfies(self, value: float) -> bool:
+    def satisfies(self, value: float) -> bool:
         if value != value:  # NaN: not measured
             return False
         return value <= self.threshold if self.op == "<=" else value >= self.threshold
@@ -253,14 +259,14 @@ class Target:
     @property
     def met(self) -> bool:
         """The point estimate meets the target."""
-        return self._satisfies(self.value)
+        return self.satisfies(self.value)
 
     @property
     def within_noise(self) -> bool:
         """The interval holds values on both sides of the threshold."""
         if self.interval is None:
             return False
-        return self._satisfies(self.interval[0]) != self._satisfies(self.interval[1])
+        return self.satisfies(self.interval[0]) != self.satisfies(self.interval[1])
 
     @property
     def verdict(self) -> str:

@@ -100,7 +100,8 @@ def run(ctx: BenchContext) -> Section:
         ])
         targets.append(Target(f"Self-Flow / FM step time, {config.name}", ratios["selfflow"], TARGET_RATIO, "<=",
                               f"FLOP ratio {flop_ratios['selfflow']:.3f}; fast paths off: "
-                              f"{ratios['selfflow_slow']:.2f}", interval=result["interval"]))
+                              f"{ratios['selfflow_slow']:.2f}", interval=result["interval"],
+                              record={"item": KEY, "metric": "selfflow_over_fm", "config": config.name}))
     table = Table(
         ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms",
          "off / FM", "FLOP ratio off", "early exit off / FM", "gathered modulation off / FM", "DTS only / FM",

@@ -138,7 +138,8 @@ def run(ctx: BenchContext) -> Section:
         ])
         targets.append(Target(f"platform loop / hand-written loop, {config.name}", result["fit_over_hand"],
                               TARGET_RATIO, "<=", f"train_step alone: {result['step_over_hand']:.3f}",
-                              interval=result["fit_over_hand_interval"]))
+                              interval=result["fit_over_hand_interval"],
+                              record={"item": KEY, "metric": "fit_over_hand", "config": config.name}))
     table = Table(
         ["config", "platform loop ms/step", "platform train_step ms", "hand loop ms", "bare hand loop ms",
          "loop / hand", "loop / hand (min of k)", "train_step / hand", "hand / bare"],

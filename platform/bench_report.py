@@ -8,6 +8,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from selfflow.platform.bench_core import Section, Table, Target
+from selfflow.platform.bench_history import DEFAULT_LAST_RUNS, TargetHistory
 
 
 def format_cell(value: Any) -> str:
@@ -86,8 +87,33 @@ def render_bfloat16(flags: Sequence[str] | None) -> str:
     return "bfloat16 instructions: " + ", ".join(flags)
 
 
+def render_history(histories: Sequence[TargetHistory], numbers: Mapping[int, int], counted: bool) -> list[str]:
+    """The 'Between runs' table; numbers: id(target) -> its item number; counted: this run is among them."""
+    if not histories:
+        return []
+    this_run = "this one included" if counted else "not this one: it is quick or has uncommitted changes"
+    lines = ["### Between runs", "",
+             "Each followed target over the last full runs of committed code in `bench/results.jsonl` "
+             f"(at most {DEFAULT_LAST_RUNS}, {this_run}): how many met the goal, the median of their values "
+             "and the range. "
+             "The runs span several commits, so the range holds changes in the code as well as the drift of "
+             "the machine.", "",
+             "| item | target | runs | met in | median | range | commits |", "|---|---|---|---|---|---|---|"]
+    for history in histories:
+        target = history.target
+        low, high = history.value_range
+        spread = "-" if math.isnan(low) else f"{format_cell(low)}-{format_cell(high)}"
+        if history.missing_count:
+            spread += f" ({history.missing_count} without a value)"
+        first, last = history.commits
+        commits = first if first == last else f"{first} .. {last}"
+        lines.append(f"| {numbers.get(id(target), '-')} | {target.name} | {history.count} | {history.met_count} | "
+                     f"{format_cell(history.median)} | {spread} | {commits or '-'} |")
+    return lines + [""]
+
+
 def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_info: Mapping[str, Any],
-                  total_seconds: float) -> str:
+                  total_seconds: float, histories: Sequence[TargetHistory] = ()) -> str:
     dirty = " (with uncommitted changes)" if run_info.get("git_dirty") else ""
     mode = "quick (smoke sizes: numbers are indicative only)" if run_info.get("quick") else "full"
     lines = [
@@ -118,6 +144,8 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
             lines.append(f"| {number} | {target.name} | {format_cell(target.value)} | {render_interval(target)} | "
                          f"{target.op} {format_cell(target.threshold)} | {summary_verdict(target)} |")
         lines.append("")
+        counted = not (run_info.get("quick") or run_info.get("git_dirty"))
+        lines += render_history(histories, {id(target): number for number, target in targets}, counted)
     for number, section in enumerate(sections, start=1):
         lines.append(render_section(number, section))
     return "\n".join(lines).rstrip() + "\n"
