@@ -44,6 +44,12 @@ from selfflow.components.objectives.common import (
     resolve_layer,
 )
 from selfflow.components.objectives.heads import ProjectorHead
+from selfflow.components.objectives.precision import (
+    check_target_device,
+    check_target_precision,
+    lowers_precision,
+    target_autocast,
+)
 from selfflow.components.objectives.teacher_thread import (
     check_teacher_thread_mode,
     start_teacher,
@@ -81,6 +87,10 @@ class REPAObjective(nn.Module):
     grid: the student's token grid; None takes `model.grid` at call time.
     encoder_thread: "auto", "always" or "never": run the encoder's forward on a second thread while
         the student's runs (teacher_thread.py; "auto": CPU with > 1 intra-op thread, PASSIVE OpenMP).
+    encoder_precision: "float32" (REPA as written) or "bfloat16": the encoder's forward (the decode
+        to images included) under bfloat16 autocast, its features cast back to the tokens' dtype
+        (precision.py). A cheaper, rounded target for a large encoder (DINOv2); a no-op under the
+        trainer's own autocast.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class REPAObjective(nn.Module):
         encoder_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
         grid: tuple[int, ...] | None = None,
         encoder_thread: str = "auto",
+        encoder_precision: str = "float32",
     ) -> None:
         super().__init__()
         if not callable(getattr(time_dist, "sample", None)):
@@ -124,13 +135,14 @@ class REPAObjective(nn.Module):
         self.encoder_input = encoder_input
         self.grid = tuple(grid) if grid is not None else None
         self.encoder_thread = check_teacher_thread_mode(encoder_thread, "encoder_thread")
+        self.encoder_precision = check_target_precision(encoder_precision, "encoder_precision")
         self.path = LinearPath()
         self.head = ProjectorHead(hidden_dim, int(encoder.feature_dim), head_kind, head_hidden_width)
 
     def extra_repr(self) -> str:
         return (f"student_layer={self.student_layer}, weight={self.weight}, "
                 f"encoder={type(self.encoder).__name__}(grid={tuple(self.encoder.grid)}), "
-                f"encoder_thread={self.encoder_thread!r}")
+                f"encoder_thread={self.encoder_thread!r}, encoder_precision={self.encoder_precision!r}")
 
     def _student_grid(self, model: nn.Module, num_tokens: int) -> tuple[int, ...]:
         grid = self.grid or getattr(model, "grid", None)
@@ -149,12 +161,16 @@ class REPAObjective(nn.Module):
     def target_features(self, x0: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Encoder patch features of the clean tokens, on the student's grid, without gradients."""
         self._check_encoder_input()
+        check_target_device(self.encoder_precision, x0.device, "encoder_precision")
         if isinstance(self.encoder, nn.Module):
             reference = next(iter(self.encoder.parameters()), None)
             if reference is not None and reference.device != x0.device:
                 self.encoder.to(x0.device)
-        with torch.no_grad():
+        lowered = lowers_precision(self.encoder_precision, x0.device.type)  # on the thread that runs it
+        with torch.no_grad(), target_autocast(lowered, x0.device.type):
             features = self.encoder.encode_patches(self.encoder_input(x0.detach()))
+        if lowered:
+            features = features.to(x0.dtype)
         return resize_token_grid(features, tuple(self.encoder.grid), grid).detach()
 
     def forward(self, batch: Batch, model: nn.Module, teacher: nn.Module | None,
@@ -169,7 +185,8 @@ class REPAObjective(nn.Module):
         t = self.time_dist.sample((x0.shape[0],), generator).to(device=x0.device, dtype=torch.float32)
         eps = draw_noise(x0, generator)
         cond = drop_labels(batch.cond, self.label_dropout, self.num_classes, generator)
-        self._check_encoder_input()  # before the thread starts: the error belongs to this call
+        self._check_encoder_input()  # before the thread starts: the errors belong to this call
+        check_target_device(self.encoder_precision, x0.device, "encoder_precision")
         pending_target = start_teacher(lambda: self.target_features(x0, grid), self.encoder_thread, x0.device)
 
         l = self.student_layer

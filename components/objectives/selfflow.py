@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -35,6 +34,12 @@ from selfflow.components.objectives.common import (
     token_cosine,
 )
 from selfflow.components.objectives.heads import ProjectorHead
+from selfflow.components.objectives.precision import (
+    check_target_device,
+    check_target_precision,
+    lowers_precision,
+    target_autocast,
+)
 from selfflow.components.objectives.teacher_thread import (
     check_teacher_thread_mode,
     start_teacher,
@@ -44,8 +49,6 @@ from selfflow.components.paths.linear import LinearPath
 from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
 
 ATTENTION_SEPARATIONS = ("none", "student", "both")
-TEACHER_PRECISIONS = ("float32", "bfloat16")
-LOWER_PRECISION_DEVICES = ("cpu", "cuda")  # where torch.autocast runs bfloat16
 
 
 class SelfFlowObjective(nn.Module):
@@ -110,8 +113,6 @@ class SelfFlowObjective(nn.Module):
                              f"got {attention_separation!r}")
         if not isinstance(early_exit, bool):
             raise TypeError(f"early_exit must be a bool, got {early_exit!r}")
-        if teacher_precision not in TEACHER_PRECISIONS:
-            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}")
         self.scheduler = scheduler
         self.hidden_dim = hidden_dim
         self.depth = depth
@@ -125,7 +126,7 @@ class SelfFlowObjective(nn.Module):
         self.attention_separation = attention_separation
         self.early_exit = early_exit
         self.teacher_thread = check_teacher_thread_mode(teacher_thread)
-        self.teacher_precision = teacher_precision
+        self.teacher_precision = check_target_precision(teacher_precision, "teacher_precision")
         self.path = LinearPath()
         # gamma = 0 trains no head: no unused parameters (DDP would complain) and no teacher.
         self.head = (ProjectorHead(hidden_dim, hidden_dim, head_kind, head_hidden_width)
@@ -148,15 +149,11 @@ class SelfFlowObjective(nn.Module):
         check_model_matches(teacher, self.hidden_dim, self.depth, self.num_classes, role="teacher")
         k = self.teacher_layer
         device_type = x0.device.type
-        if self.teacher_precision == "bfloat16" and device_type not in LOWER_PRECISION_DEVICES:
-            raise ValueError(f"teacher_precision 'bfloat16' runs on {LOWER_PRECISION_DEVICES} only, "
-                             f"got tensors on {x0.device}; use 'float32'")
+        check_target_device(self.teacher_precision, x0.device, "teacher_precision")
 
         def compute() -> torch.Tensor:
-            # Checked here, on the thread that runs the teacher: start_teacher hands it the caller's autocast.
-            lowered = self.teacher_precision == "bfloat16" and not torch.is_autocast_enabled(device_type)
-            precision = torch.autocast(device_type, dtype=torch.bfloat16) if lowered else nullcontext()
-            with torch.no_grad(), precision:
+            lowered = lowers_precision(self.teacher_precision, device_type)  # on the thread that runs it
+            with torch.no_grad(), target_autocast(lowered, device_type):
                 output = teacher(
                     self.path.interpolate(x0, eps, teacher_t), teacher_t, cond,
                     return_layers=(k,), stop_at=k if self.early_exit else None,

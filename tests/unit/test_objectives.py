@@ -661,6 +661,54 @@ def test_repa_encoder_thread_gives_bitwise_the_same_loss_and_gradients() -> None
         REPAObjective(UniformTime(), DigitEncoder("small"), hidden_dim=HIDDEN, depth=DEPTH, encoder_thread="on")
 
 
+def repa_with_encoder_precision(precision: str, mode: str = "never", autocast: bool = False) -> tuple:
+    """(loss terms, dtype of the encoder's output as the objective received it)."""
+    received: list[torch.dtype] = []
+
+    class RecordingEncoder(DigitEncoder):
+        def encode_patches(self, images):
+            features = super().encode_patches(images)
+            received.append(features.dtype)
+            return features
+
+    objective = REPAObjective(UniformTime(), RecordingEncoder("small", seed=3), hidden_dim=HIDDEN, depth=DEPTH,
+                              num_classes=CLASSES, head_hidden_width=16, encoder_input=tokens_to_images,
+                              encoder_thread=mode, encoder_precision=precision)
+    randomised(objective.head, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        terms = objective(make_batch(), tiny_dit(0), None, torch.Generator().manual_seed(13))
+    return terms, received[0]
+
+
+def test_a_bfloat16_encoder_gives_a_rounded_target_on_either_thread() -> None:
+    exact, exact_dtype = repa_with_encoder_precision("float32")
+    assert exact_dtype == torch.float32 and exact.terms["rep"].dtype == torch.float32
+    for mode in ("never", "always"):
+        rounded, dtype = repa_with_encoder_precision("bfloat16", mode)
+        assert dtype == torch.bfloat16  # the encoder ran under the autocast, on the worker too
+        assert rounded.terms["rep"].dtype == torch.float32
+        assert torch.equal(rounded.terms["flow"], exact.terms["flow"])  # the student is untouched
+        assert not torch.equal(rounded.terms["rep"], exact.terms["rep"])
+        torch.testing.assert_close(rounded.terms["rep"], exact.terms["rep"], rtol=2e-2, atol=2e-3)
+    # Under the trainer's own autocast the encoder is lowered either way: the setting changes nothing.
+    under_float32, dtype_float32 = repa_with_encoder_precision("float32", autocast=True)
+    under_bfloat16, dtype_bfloat16 = repa_with_encoder_precision("bfloat16", autocast=True)
+    assert dtype_float32 == dtype_bfloat16 == torch.bfloat16
+    assert torch.equal(under_float32.terms["rep"], under_bfloat16.terms["rep"])
+
+
+def test_a_bad_encoder_precision_names_itself() -> None:
+    def build(precision):
+        return REPAObjective(UniformTime(), DigitEncoder("small"), hidden_dim=HIDDEN, depth=DEPTH,
+                             num_classes=CLASSES, head_hidden_width=16, encoder_input=tokens_to_images,
+                             encoder_precision=precision)
+
+    with pytest.raises(ValueError, match="encoder_precision must be one of"):
+        build("float16")
+    with pytest.raises(ValueError, match="encoder_precision 'bfloat16' runs on"):
+        build("bfloat16").target_features(torch.zeros(B, N, P, device="meta"), (4, 4))
+
+
 def test_repa_failing_student_waits_for_the_encoder_and_raises_its_own_error() -> None:
     started, done = threading.Event(), []
 
