@@ -1,6 +1,7 @@
 """Shared fixtures: a digits shard set built once per session, small thread counts."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -71,3 +72,16 @@ def ray_local():
     info = ray_cluster.connect()
     yield {"cluster": info, "home_before": before}
     ray_cluster.shutdown()
+
+
+@pytest.fixture()
+def bench_study():
+    """load(name) -> bench/studies/<name>.py as a module (the studies are scripts, not a package)."""
+    def load(name: str):
+        path = REPO_ROOT / "bench" / "studies" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_study", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

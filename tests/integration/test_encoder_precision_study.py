@@ -2,25 +2,13 @@
 through TimmEncoder's weights-from-file path and reports the gap between them."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def load_study():
-    path = REPO_ROOT / "bench" / "studies" / "encoder_precision.py"
-    spec = importlib.util.spec_from_file_location("encoder_precision_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_study_times_both_precisions_and_reports_a_small_nonzero_gap(capsys):
-    study = load_study()
+def test_the_study_times_both_precisions_and_reports_a_small_nonzero_gap(capsys, bench_study):
+    study = bench_study("encoder_precision")
     study.main(["--model", "vit_tiny_patch16_224", "--image-size", "32", "--batch", "2", "--rounds", "2"])
     report = capsys.readouterr().out
     assert "grid (2, 2), 192 features" in report

@@ -2,32 +2,20 @@
 backbone and reports how far a bfloat16 teacher moves the alignment target."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
 from selfflow.platform.run import train
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def load_study():
-    path = REPO_ROOT / "bench" / "studies" / "teacher_precision.py"
-    spec = importlib.util.spec_from_file_location("teacher_precision_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_study_reports_a_small_nonzero_gap_and_refuses_a_folder_without_a_run(in_tmp, capsys):
+def test_the_study_reports_a_small_nonzero_gap_and_refuses_a_folder_without_a_run(in_tmp, capsys, bench_study):
     params = ["TrainConfig.steps = 30", "TrainConfig.batch_size = 32", "TrainConfig.checkpoint_every = 0",
               "TrainConfig.eval_every = 0", "TrainConfig.ema_decay = 0.5", "SamplingConfig.steps = 2",
               "SamplingConfig.per_class = 1", "build_experiment.evaluation = None"]
     result = train(["digits/selfflow.gin"], params, run_dir=in_tmp / "run", runs_dir=in_tmp / "runs",
                    progress=False)
-    study = load_study()
+    study = bench_study("teacher_precision")
     capsys.readouterr()
     study.main(["--run", str(result.run_dir)])
     report = capsys.readouterr().out
