@@ -138,7 +138,8 @@ def render_report(sections: Sequence[Section], machine: Mapping[str, Any], run_i
         lines += ["## Targets", "",
                   "\"95% interval\": bootstrap over the interleaved rounds of one run (see each item); "
                   "\"within noise\" means it reaches across the goal, so this run cannot tell. The drift of "
-                  "a shared machine between runs comes on top of it.", "",
+                  "a shared machine between runs comes on top of it"
+                  + (": \"Between runs\" below shows it." if histories else "."), "",
                   "| item | target | measured | 95% interval | goal | met |", "|---|---|---|---|---|---|"]
         for number, target in targets:
             lines.append(f"| {number} | {target.name} | {format_cell(target.value)} | {render_interval(target)} | "

@@ -93,7 +93,9 @@ def test_the_report_shows_the_between_runs_table():
     section = Section("objective", "Objective cost", "cmd", "meaning", targets=[target])
     text = render_report([section], {}, {"command": "bench", "git_commit": "abc"}, 1.0, followed[:1])
     assert "### Between runs" in text and text.index("## Targets") < text.index("### Between runs")
-    assert "### Between runs" not in render_report([section], {}, {"command": "bench"}, 1.0)
+    assert "comes on top of it: \"Between runs\" below shows it." in text
+    alone = render_report([section], {}, {"command": "bench"}, 1.0)
+    assert "### Between runs" not in alone and "comes on top of it." in alone
 
 
 def test_main_follows_targets_across_runs_and_refuses_a_broken_results_file(tmp_path, monkeypatch):
