@@ -81,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m selfflow.platform.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     run_info = new_run_info(args.quick, command.strip())
     machine = machine_info()
+    earlier_records = []  # the report follows targets across the runs on record
     if args.results and Path(args.results).exists():
-        try:  # the report follows targets across the runs on record: a bad file fails now, not after the run
-            read_records(args.results)
+        try:  # a bad file fails now, not after the run
+            earlier_records = read_records(args.results)
         except ValueError as error:
             raise SystemExit(f"bench: {error}") from None
     results = ResultsLog(args.results or None, run_info)
@@ -112,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         # Atomic: an interrupted bench never leaves half a report.
         chosen = [sections[name] for name in items]
-        followed = (histories(read_records(args.results), [t for section in chosen for t in section.targets])
-                    if args.results else [])
+        targets = [target for section in chosen for target in section.targets]
+        followed = histories(earlier_records + results.records, targets) if args.results else []
         path = write_text_atomic(args.out, render_report(chosen, machine, run_info, total, followed))
         ctx.log(f"report written to {path} ({total / 60:.1f} min)")
     return 0

@@ -7,7 +7,8 @@ Under the trainer's own autocast the target already runs that way, so the settin
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -28,11 +29,14 @@ def check_target_device(precision: str, device: torch.device, name: str) -> None
                          f"got tensors on {device}; use 'float32'")
 
 
-def lowers_precision(precision: str, device_type: str) -> bool:
-    """Whether this target's forward needs its own bfloat16 autocast. Ask on the thread that runs
-    it: start_teacher hands the worker the caller's autocast state."""
-    return precision == "bfloat16" and not torch.is_autocast_enabled(device_type)
-
-
-def target_autocast(lowered: bool, device_type: str) -> AbstractContextManager:
-    return torch.autocast(device_type, dtype=torch.bfloat16) if lowered else nullcontext()
+@contextmanager
+def target_precision(precision: str, device_type: str) -> Iterator[bool]:
+    """Runs the block under bfloat16 autocast when this target needs its own; yields whether it
+    does (the features then need casting back). Enter it on the thread that runs the target:
+    start_teacher hands the worker the caller's autocast state."""
+    lowered = precision == "bfloat16" and not torch.is_autocast_enabled(device_type)
+    if not lowered:
+        yield False
+        return
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        yield True

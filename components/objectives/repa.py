@@ -47,8 +47,7 @@ from selfflow.components.objectives.heads import ProjectorHead
 from selfflow.components.objectives.precision import (
     check_target_device,
     check_target_precision,
-    lowers_precision,
-    target_autocast,
+    target_precision,
 )
 from selfflow.components.objectives.teacher_thread import (
     check_teacher_thread_mode,
@@ -166,8 +165,7 @@ class REPAObjective(nn.Module):
             reference = next(iter(self.encoder.parameters()), None)
             if reference is not None and reference.device != x0.device:
                 self.encoder.to(x0.device)
-        lowered = lowers_precision(self.encoder_precision, x0.device.type)  # on the thread that runs it
-        with torch.no_grad(), target_autocast(lowered, x0.device.type):
+        with torch.no_grad(), target_precision(self.encoder_precision, x0.device.type) as lowered:
             features = self.encoder.encode_patches(self.encoder_input(x0.detach()))
         if lowered:
             features = features.to(x0.dtype)

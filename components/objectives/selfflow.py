@@ -37,8 +37,7 @@ from selfflow.components.objectives.heads import ProjectorHead
 from selfflow.components.objectives.precision import (
     check_target_device,
     check_target_precision,
-    lowers_precision,
-    target_autocast,
+    target_precision,
 )
 from selfflow.components.objectives.teacher_thread import (
     check_teacher_thread_mode,
@@ -152,8 +151,7 @@ class SelfFlowObjective(nn.Module):
         check_target_device(self.teacher_precision, x0.device, "teacher_precision")
 
         def compute() -> torch.Tensor:
-            lowered = lowers_precision(self.teacher_precision, device_type)  # on the thread that runs it
-            with torch.no_grad(), target_autocast(lowered, device_type):
+            with torch.no_grad(), target_precision(self.teacher_precision, device_type) as lowered:
                 output = teacher(
                     self.path.interpolate(x0, eps, teacher_t), teacher_t, cond,
                     return_layers=(k,), stop_at=k if self.early_exit else None,
