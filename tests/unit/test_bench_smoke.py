@@ -219,6 +219,37 @@ def test_hand_written_loop_trains_the_same_model(tmp_path):
     assert changed and loop.model is trainer.experiment.model and loop.optimizer is not trainer.optimizer
 
 
+def test_extra_flop_budget_matches_the_teacher_and_head_formulas(tmp_path):
+    from selfflow.platform.bench_objective import captured_teacher_call, extra_flop_budget, teacher_forward_flops
+
+    B, N, P, D = 4, 64, 4, 32  # 1x16x16 images, 2x2 patches
+    base = setup.digits(batch_size=B, data_shape=(1, 16, 16), hidden_dim=D)
+    trainers = {name: setup.build_trainer(config, scratch=tmp_path) for name, config in {
+        "fm": base.with_(objective="fm"), "selfflow": base.with_(objective="selfflow"),
+        "dts_only": base.with_(objective="selfflow", extra=("SelfFlowObjective.gamma = 0.0",))}.items()}
+    raw = setup.synthetic_batch(base)
+    with captured_teacher_call(trainers["selfflow"]) as call:
+        flops = {name: count_flops(lambda t=trainer: t.train_step(raw))[0] for name, trainer in trainers.items()}
+    teacher = teacher_forward_flops(trainers["selfflow"], call)
+    k = trainers["selfflow"].experiment.objective.teacher_layer
+    assert k == 4  # round(0.7 * 6)
+    # No-grad forward to block k, 2 FLOPs per multiply-add: patch projection, time MLP (256 -> D -> D),
+    # then per block adaLN (D -> 6D, one row per sample), qkv, attention (QK^T and AV), out projection, MLP.
+    per_block = 2 * B * D * 6 * D + 2 * B * N * (3 * D * D + D * D + 8 * D * D) + 4 * B * N * N * D
+    assert teacher == 2 * B * N * P * D + 2 * B * (256 * D + D * D) + k * per_block
+    budget = extra_flop_budget(flops, teacher)
+    fm = flops["fm"]
+    assert budget["teacher"] == pytest.approx(teacher / fm)
+    # The head Linear(D, 2D) -> SiLU -> Linear(2D, D) on every token: forward 8 B N D^2, backward twice that.
+    assert budget["head"] == pytest.approx(24 * B * N * D * D / fm)
+    assert 0 < budget["modulation"] < budget["teacher"]
+    assert 1 + sum(budget.values()) == pytest.approx(flops["selfflow"] / fm)
+    with pytest.raises(RuntimeError, match="never called its teacher"):
+        with captured_teacher_call(trainers["fm"]) as unused:
+            trainers["fm"].train_step(raw)
+        teacher_forward_flops(trainers["fm"], unused)
+
+
 # ---- the data-path fix: decoded samples replayed from memory -------------------------------------
 
 
