@@ -2,7 +2,9 @@
 
 Training FLOPs are counted from the step's matmuls (bench_flops.count_flops: forward,
 backward, teacher). The ceiling is a large square fp32 matmul in the same process with the
-same threads, measured before and after the configs (the better of the two). The second
+same threads, measured before and after the configs (the better of the two). The step's own
+matmuls, recorded and replayed back to back (bench_flops.replay_seconds), split the gap to that
+ceiling into what the matrix sizes cost and what everything between them costs. The second
 table takes the tiny digits config apart: the same step with one setting changed at a time
 (threads, attention kernel, AdamW kernel, MLP activation, allocator, OpenMP wait policy),
 interleaved, to show what keeps it below the ceiling.
@@ -15,7 +17,7 @@ import torch
 
 from selfflow.platform import bench_setup as setup
 from selfflow.platform.bench_core import BenchContext, Section, Table, interleaved, paired_ratio
-from selfflow.platform.bench_flops import count_flops, dense_matmul_flops_per_s
+from selfflow.platform.bench_flops import count_flops, dense_matmul_flops_per_s, record_matmuls, replay_seconds
 
 KEY = "compute"
 GLIBC_DEFAULTS = {"SELFFLOW_ALLOCATOR": "default"}
@@ -40,6 +42,7 @@ def efficiency_rows(ctx: BenchContext, configs: list[setup.BenchConfig], peak: f
     measured = {config.key(): ctx.step_measurements[config.key()] for config in configs
                 if config.key() in ctx.step_measurements}
     todo = [config for config in configs if config.key() not in measured]
+    trainers: dict = {}
     if todo:
         trainers = {config: setup.build_trainer(config, scratch=ctx.cache_dir / "scratch") for config in todo}
         batches = {config: setup.synthetic_batch(config) for config in todo}
@@ -53,13 +56,23 @@ def efficiency_rows(ctx: BenchContext, configs: list[setup.BenchConfig], peak: f
         step = timing.median
         achieved = flops / step
         source = "this item" if config in todo else "item 1"
+        matmuls = matmuls_alone_seconds(ctx, config, trainers.get(config), repeats=ctx.pick(3, 1))
         rows.append([f"{config.name}: {config.describe()}", flops / 1e9, step * 1e3, achieved / 1e9,
-                     achieved / peak, source])
+                     achieved / peak, matmuls * 1e3, flops / matmuls / peak, matmuls / step, source])
         ctx.results.record(KEY, "fraction_of_peak", achieved / peak, "ratio", config=config.name,
                            describe=config.describe(), step_flops=flops, step_seconds=step,
                            achieved_flops_per_s=achieved, peak_flops_per_s=peak, repeats=len(timing.samples),
-                           step_time_from=source)
+                           step_time_from=source, matmuls_alone_seconds=matmuls)
     return rows
+
+
+def matmuls_alone_seconds(ctx: BenchContext, config: setup.BenchConfig, trainer=None, repeats: int = 3) -> float:
+    """The config's step matmuls (shapes, layouts and order of one recorded step) replayed back to
+    back: the step's time if everything between them (elementwise work, dispatch, Python) were free."""
+    trainer = trainer or setup.build_trainer(config, scratch=ctx.cache_dir / "scratch")
+    batch = setup.synthetic_batch(config)
+    trainer.train_step(batch)  # lazily built state (optimizer moments) first: record a steady step
+    return replay_seconds(record_matmuls(lambda: trainer.train_step(batch)), repeats=repeats)
 
 
 def tiny_breakdown(ctx: BenchContext, peak: float, repeats: int) -> Table:
@@ -149,12 +162,14 @@ def run(ctx: BenchContext) -> Section:
     peak = max(peak_before, peak_after)
     if peak_after > peak_before:  # the better measurement is the ceiling: rescale the fractions
         for row in rows:
-            row[-2] *= peak_before / peak_after
+            row[4] *= peak_before / peak_after
+            row[6] *= peak_before / peak_after
         for row in breakdown.rows if breakdown is not None else ():
             row[-2] *= peak_before / peak_after
     ctx.results.record(KEY, "dense_matmul_flops_per_s", peak, "FLOP/s", size=size, before=peak_before,
                        after=peak_after, threads=torch.get_num_threads(), statistic="best of repeats")
     table = Table(["config", "GFLOP per step (matmuls)", "step ms", "achieved GFLOP/s", "fraction of matmul peak",
+                   "matmuls alone ms", "matmuls alone, fraction of peak", "matmuls alone / step",
                    "step time measured by"],
                   rows, title=f"Dense fp32 matmul peak ({size}x{size}, {torch.get_num_threads()} threads): "
                               f"{peak / 1e9:.1f} GFLOP/s")
@@ -168,9 +183,12 @@ def run(ctx: BenchContext) -> Section:
             "are medians of interleaved repeats; a config item 1 measured in the same run reuses its FLOPs and "
             "step time (same process, threads and step) instead of timing it again. The peak is the best of a "
             "few square fp32 matmuls in this "
-            "process, before and after the configs. A fraction near 1 means the step is matmul-bound; tiny "
-            "configs sit far below because their matrices are small (96 wide) and elementwise work "
-            "(layer norms, GELU, adaLN modulation, AdamW, EMA) and per-op dispatch dominate. The second "
+            "process, before and after the configs. A fraction near 1 means the step is matmul-bound. "
+            "\"Matmuls alone\" replays the matmuls and attention kernels of one recorded step (same shapes, "
+            "layouts and order, inputs reused: a bound) back to back, best of a few: their own fraction of peak "
+            "is what the matrix sizes allow, and \"matmuls alone / step\" the share of the step they take; the "
+            "rest is elementwise work (layer norms, GELU, adaLN modulation, AdamW, EMA), per-op dispatch and "
+            "Python. The second "
             "table changes one setting at a time on the digits Self-Flow step, interleaved: the thread count "
             "(with 1 thread, teacher_thread 'auto' runs the teacher inline), "
             "the attention kernel ('auto': batched matmuls with a hand-written backward for these 16 tokens at "

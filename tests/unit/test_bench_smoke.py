@@ -55,6 +55,26 @@ def test_count_flops_sees_the_cpu_fused_attention_kernel():
     assert both == forward + sdpa_backward_flop_count(shape, shape, shape, shape)
 
 
+def test_recorded_matmuls_replay_the_same_ops_shapes_and_layouts():
+    from selfflow.platform.bench_flops import TensorSpec, record_matmuls, replay_seconds
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(16, 8, requires_grad=True)
+    calls = record_matmuls(lambda: layer(x).sum().backward())
+    aten = torch.ops.aten
+    assert [call.op.overloadpacket for call in calls] == [aten.addmm, aten.mm, aten.mm]
+    bias, inputs, weight_t = calls[0].args
+    assert bias == TensorSpec((4,), (1,), torch.float32) and inputs == TensorSpec((16, 8), (8, 1), torch.float32)
+    assert weight_t == TensorSpec((8, 4), (1, 8), torch.float32)  # the transposed view, as the forward saw it
+    once, _ = count_flops(lambda: layer(x).sum().backward())
+    replayed, per_op = count_flops(lambda: replay_seconds(calls, repeats=2))
+    assert replayed == 3 * once  # warm-up + 2 timed runs of the same matmuls
+    assert set(per_op) == {"aten.addmm", "aten.mm"}
+    assert replay_seconds(calls, repeats=1) > 0
+    with pytest.raises(ValueError, match="repeats"):
+        replay_seconds(calls, repeats=0)
+
+
 # ---- timing and fits -----------------------------------------------------------------------------
 
 
@@ -333,10 +353,24 @@ def test_compute_item_reuses_step_measurements_of_item_one(tmp_path, monkeypatch
         raise AssertionError("a config item 1 measured must not be built and timed again")
 
     monkeypatch.setattr(setup, "build_trainer", no_training)
+    replayed = []
+    monkeypatch.setattr(bench_compute, "matmuls_alone_seconds",
+                        lambda ctx, config, trainer, repeats: replayed.append(config) or 0.2)
     (row,) = bench_compute.efficiency_rows(ctx, [measured], peak=20e9, repeats=2)
-    # median 0.3 s -> 10 GFLOP/s achieved, half of the 20 GFLOP/s peak
-    assert row[1:5] == pytest.approx([3.0, 300.0, 10.0, 0.5])
-    assert row[5] == "item 1"
+    # median 0.3 s -> 10 GFLOP/s achieved, half of the 20 GFLOP/s peak; the matmuls alone take 0.2 s:
+    # 15 GFLOP/s, 0.75 of the peak, 2/3 of the step
+    assert row[1:8] == pytest.approx([3.0, 300.0, 10.0, 0.5, 200.0, 0.75, 2 / 3])
+    assert row[8] == "item 1" and replayed == [measured]
+
+
+def test_matmuls_alone_replays_a_recorded_training_step(tmp_path):
+    from selfflow.platform import bench_compute
+    from selfflow.platform.bench_core import BenchContext
+
+    ctx = BenchContext(quick=True, results=ResultsLog(None, {}), cache_dir=tmp_path, command="test", machine={},
+                       log=lambda message: None)
+    config = setup.digits(objective="selfflow", batch_size=2, hidden_dim=16)
+    assert bench_compute.matmuls_alone_seconds(ctx, config, repeats=1) > 0
 
 
 def test_a_failed_background_training_is_reported_with_its_exit_code_and_log(tmp_path, monkeypatch):
