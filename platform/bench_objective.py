@@ -32,14 +32,6 @@ KEY = "objective"
 TARGET_RATIO = 1.25
 
 
-# The step's matmul FLOPs Self-Flow adds to FM's, by source (extra_flop_budget).
-FLOP_SOURCES = {
-    "modulation": "per-token conditioning: a second adaLN row per sample (DTS only - FM)",
-    "teacher": "the EMA teacher's no-grad forward to block k",
-    "head": "the projector head, forward + backward (Self-Flow - DTS only - teacher)",
-}
-
-
 @contextmanager
 def captured_teacher_call(trainer) -> Iterator[dict]:
     """While open, records the (args, kwargs) of each call of the trainer's teacher (its EMA model)
@@ -66,7 +58,9 @@ def teacher_forward_flops(trainer, teacher_call: dict) -> int:
 
 
 def extra_flop_budget(flops: dict[str, int], teacher_flops: int) -> dict[str, float]:
-    """Self-Flow's extra matmul FLOPs per step by source (FLOP_SOURCES), as fractions of FM's step.
+    """Self-Flow's extra matmul FLOPs per step by source, as fractions of FM's step: "modulation"
+    (the second adaLN row per sample: DTS only - FM), "teacher" (its no-grad forward to block k) and
+    "head" (the projector, forward + backward: Self-Flow - DTS only - teacher).
     flops: whole-step counts of the "fm", "dts_only" and "selfflow" variants. The three add up to the
     FLOP ratio - 1: the floor no overhead work can lower."""
     fm, dts_only, selfflow = flops["fm"], flops["dts_only"], flops["selfflow"]
