@@ -32,7 +32,7 @@ system-deps:
 # Re-runs only when the dependency files change: a warm `make` costs a stat.
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,sdvae,fid]'
 	@touch $@
 
 demo: install
@@ -45,10 +45,10 @@ test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: install
-	$(PY) -m selfflow.platform.bench --out BENCHMARKS.md
+	$(PY) -m bench --out BENCHMARKS.md
 
 bench-quick: install
-	$(PY) -m selfflow.platform.bench --quick --out BENCHMARKS.quick.md
+	$(PY) -m bench --quick --out BENCHMARKS.quick.md
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

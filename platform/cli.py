@@ -1,18 +1,22 @@
-"""`selfflow` command line: train, data, sample, eval, demo (and more as the platform grows)."""
+"""`selfflow` command line: train, sweep, compare, ui, data, sample, eval, demo.
+
+torch is imported only inside the commands, after the host preset (platform/host.py) is applied:
+OpenMP reads its wait policy once, when torch loads it.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
+from selfflow.platform import host
 from selfflow.platform.data import DataError
-from selfflow.platform.errors import TrainingError, UserError
-from selfflow.platform.omp import prefer_passive_wait
-
-prefer_passive_wait()  # before anything imports torch: see platform/omp.py
+from selfflow.platform.errors import DEBUG_ENV, TrainingError, UserError, debug_enabled, one_line, write_traceback
 
 
 def _add_gin_args(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +27,7 @@ def _add_gin_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     if not args.gin_file:
         raise UserError("train needs at least one --gin_file (e.g. --gin_file digits/fm.gin)")
@@ -38,8 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_distributed(args: argparse.Namespace) -> int:
-    from selfflow.platform import ray_cluster
-    from selfflow.platform.distributed import Scaling, train_distributed
+    from selfflow.platform.scale import ray_cluster
+    from selfflow.platform.scale.ray_train import Scaling, train_distributed
 
     scaling = Scaling(workers=args.workers or 1, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
@@ -55,8 +59,8 @@ def _cmd_train_distributed(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from selfflow.platform import ray_cluster
-    from selfflow.platform.sweep import print_summary, run_sweep
+    from selfflow.platform.scale import ray_cluster
+    from selfflow.platform.scale.sweep import print_summary, run_sweep
 
     try:
         result = run_sweep(args.sweep_file, args.gin_param, runs_dir=args.runs, sweep_dir=args.sweep_dir,
@@ -71,7 +75,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from selfflow.platform.compare import compare_runs
+    from selfflow.platform.tracking.compare import compare_runs
 
     if not (args.experiment or args.parent or args.filter):
         raise UserError("compare needs --experiment, --parent or --filter")
@@ -123,8 +127,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_images(args: argparse.Namespace) -> int:
-    from selfflow.platform.data.images import encode_folder_from_gin
     from selfflow.platform.data.shards import summarize_shards
+    from selfflow.platform.jobs.encode_images import encode_folder_from_gin
 
     if not args.folder or not args.tokenizer_gin or not args.out:
         raise UserError("data images needs --folder DIR --tokenizer-gin FILE --out DIR "
@@ -146,8 +150,8 @@ def _cmd_data_images(args: argparse.Namespace) -> int:
 
 
 def _cmd_autoencoder(args: argparse.Namespace) -> int:
-    from selfflow.platform import config
-    from selfflow.platform.tokenizers import AutoencoderTraining
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.jobs.autoencoders import AutoencoderTraining
 
     if not args.gin_file:
         raise UserError("autoencoder needs --gin_file (e.g. --gin_file tokenizers/conv_ae_digits_train.gin)")
@@ -165,8 +169,8 @@ def _cmd_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_encoder(args: argparse.Namespace) -> int:
-    from selfflow.platform import config
-    from selfflow.platform.encoders import EncoderTraining
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.jobs.encoders import EncoderTraining
 
     if not args.gin_file:
         raise UserError("encoder needs --gin_file (e.g. --gin_file encoders/digits_small.gin)")
@@ -184,8 +188,8 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from selfflow.platform.inference import load_for_sampling
-    from selfflow.platform.callbacks import write_sample_grid
+    from selfflow.platform.train.callbacks import write_sample_grid
+    from selfflow.platform.train.saved import load_for_sampling
 
     experiment, model, step = load_for_sampling(args.run_dir, args.checkpoint, args.gin_param)
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "samples"
@@ -196,7 +200,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from selfflow.platform.data.shards import build_digits_shards, index_path_for
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     started = time.perf_counter()
     data_dir = Path("data/digits")
@@ -215,7 +219,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from selfflow.platform.evaluation import evaluate_run
+    from selfflow.platform.train.saved import evaluate_run
 
     result = evaluate_run(
         run_dir=args.run_dir, run_id=args.run_id, checkpoint=args.checkpoint, overrides=args.gin_param,
@@ -232,7 +236,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from selfflow.platform.tracking import sync_run_dir
+    from selfflow.platform.tracking.mlflow_tracker import sync_run_dir
 
     result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout)
     stats = result.stats
@@ -246,7 +250,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 def ui_command(runs: str, host: str, port: int, tracking_uri: str | None = None) -> list[str]:
     """The `mlflow ui` command line for a runs folder (127.0.0.1 unless a host is given)."""
-    from selfflow.platform.tracking import default_tracking_uri
+    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
 
     mlflow = Path(sys.executable).with_name("mlflow")
     return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri",
@@ -263,9 +267,27 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"print full tracebacks, also from Ray workers and Tune trials ({DEBUG_ENV}=1 does too)")
+    common.add_argument("--host-tuning", dest="host_tuning", choices=host.PRESETS, default=argparse.SUPPRESS,
+                        help="host tuning preset: stock (PyTorch as it comes) or cpu_shared (for a few shared CPU "
+                             "cores: platform/host.py); default: the config's TrainConfig.host, else stock")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfflow", description="Self-supervised flow matching experiments.")
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="selfflow", description="Self-supervised flow matching experiments.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    original_add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return original_add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # every subcommand takes --debug and --host-tuning
 
     p = sub.add_parser("train", help="train one experiment from gin files")
     _add_gin_args(p)
@@ -372,19 +394,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_host_preset(args: argparse.Namespace) -> None:
+    """The host preset, before any command imports torch: --host-tuning, else the gin files'
+    TrainConfig.host. An explicit --host-tuning also becomes a binding, so the run's config records
+    what was applied."""
+    chosen = getattr(args, "host_tuning", None)
+    if chosen is not None:
+        if hasattr(args, "gin_param"):
+            args.gin_param = [*args.gin_param, f"TrainConfig.host = '{chosen}'"]
+        host.apply_before_torch(chosen)
+        return
+    files = getattr(args, "gin_file", None) or []
+    if getattr(args, "command", "") == "demo":
+        files = ["demo.gin"]
+    if files:
+        from selfflow.platform.config import bootstrap
+
+        preset = bootstrap.peek_binding(files, getattr(args, "gin_param", []), "TrainConfig.host")
+        if preset in host.PRESETS:
+            host.apply_before_torch(preset)
+
+
+def report_failure(error: BaseException) -> int:
+    """One line for the user (the full traceback under --debug, else in error.log); the exit code."""
+    if isinstance(error, (UserError, TrainingError)):
+        print(f"selfflow: error: {error.one_line()}", file=sys.stderr)
+        if debug_enabled():
+            traceback.print_exception(error)
+        return error.exit_code
+    if isinstance(error, DataError):  # a damaged or unsafe shard found mid-training
+        print(f"selfflow: error: {' '.join(str(error).split())}", file=sys.stderr)
+        if debug_enabled():
+            traceback.print_exception(error)
+        return UserError.exit_code
+    if debug_enabled():
+        traceback.print_exception(error)
+        return 1
+    # An error from user or library code: its type and first line, and where its traceback is.
+    log = getattr(error, "traceback_file", None) or write_traceback(error, Path(tempfile.gettempdir()) / "selfflow")
+    where = f"full traceback in {log}" if log else "traceback not written"
+    print(f"selfflow: error: {one_line(error)} ({where}; --debug prints it)", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"  # Ray workers and Tune trials inherit it
     try:
+        apply_host_preset(args)
         return args.func(args)
-    except (UserError, TrainingError) as error:
-        print(f"selfflow: error: {error.one_line()}", file=sys.stderr)
-        return error.exit_code
-    except DataError as error:  # a damaged or unsafe shard found mid-training
-        print(f"selfflow: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return UserError.exit_code
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        return report_failure(error)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Test-only plugins (tests/plugins/selfflow_testing): importable here, in Ray workers and in the CLI
+# subprocesses tests start, the way a researcher's own package would be.
+PLUGINS = REPO_ROOT / "tests" / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
 
 # The machine has 2 cores: one intra-op thread keeps tests stable and fast.
 torch.set_num_threads(1)
@@ -65,7 +71,7 @@ def ray_local():
 
     Records whether Ray-related files already existed in $HOME, so tests can check that
     the platform's Ray settings leave none behind."""
-    from selfflow.platform import ray_cluster
+    from selfflow.platform.scale import ray_cluster
 
     home = Path.home()
     before = {name: (home / name).exists() for name in (".ray", "ray_results")}

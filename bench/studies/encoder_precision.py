@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from selfflow.platform.omp import prefer_passive_wait
+from selfflow.platform import host
 
-prefer_passive_wait()  # as the CLI and the bench do (platform/omp.py)
+host.apply_before_torch("cpu_shared")  # as the bench does (platform/host.py)
 
 
 def build_encoder(model_name: str, image_size: int, folder: Path):

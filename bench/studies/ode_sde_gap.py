@@ -25,12 +25,12 @@ from types import SimpleNamespace
 
 import torch
 
-from selfflow.platform.bench_core import DEFAULT_CACHE
+from bench.core import DEFAULT_CACHE
 
 
 def train_longer(args: argparse.Namespace) -> None:
     from selfflow.platform import bench_sampling
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     bench = SimpleNamespace(cache_dir=Path(args.cache))  # what model_run reads of a BenchContext
     files, params, _ = bench_sampling.model_run(bench, bench_sampling.MODEL_STEPS)
@@ -41,9 +41,9 @@ def train_longer(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from selfflow.platform.bench_sampling import SamplerSpec, Scorer, grid_for
-    from selfflow.platform.evaluation import EvalSuite
-    from selfflow.platform.inference import load_for_sampling
+    from bench.sampling import SamplerSpec, Scorer, grid_for
+    from selfflow.platform.evaluate.suite import EvalSuite
+    from selfflow.platform.train.saved import load_for_sampling
 
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run)

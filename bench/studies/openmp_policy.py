@@ -17,8 +17,9 @@ import argparse
 import statistics
 import time
 
-from selfflow.platform import bench_setup as setup
-from selfflow.platform.bench_procs import StepWorker
+from bench import workloads as setup
+from bench.procs import StepWorker
+
 
 def settings(spin: int) -> dict[str, tuple[setup.BenchConfig, dict]]:
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}

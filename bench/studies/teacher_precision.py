@@ -18,11 +18,11 @@ from types import SimpleNamespace
 
 import torch
 
-from selfflow.platform.bench_core import DEFAULT_CACHE
+from bench.core import DEFAULT_CACHE
 
 
 def bench_model_dir(cache: Path) -> Path:
-    from selfflow.platform import bench_sampling
+    from bench import sampling as bench_sampling
 
     return bench_sampling.model_run(SimpleNamespace(cache_dir=cache), bench_sampling.MODEL_STEPS)[2]
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from selfflow.components.datasets.digits import load_digits_split
-    from selfflow.platform.inference import load_for_sampling
+    from selfflow.platform.train.saved import load_for_sampling
 
     run_dir = args.run or bench_model_dir(args.cache)
     if not (run_dir / "config.gin").is_file():

@@ -1,21 +1,14 @@
-"""Multi-head self-attention for the DiT blocks: timm's Attention plus a batched-matmul kernel for short
-sequences on the CPU.
+"""Multi-head self-attention for the DiT blocks: timm's Attention plus an optional batched-matmul kernel
+for short sequences on the CPU.
 
-Why a hand-written kernel: on the digits shape (16 tokens, head dim 24, 512 sample x head pairs)
-PyTorch's CPU scaled_dot_product_attention parallelises poorly, and timm's unfused `q @ k^T` path is
-slow backward, because bmm falls back to one small matmul per (sample, head) when the incoming gradient
-is a permuted view. Plain bmm on contiguous (groups, N, d) tensors, backward written out, measured:
-- per call, forward + backward: 3.6-6.4 ms against SDPA's 7.3-9.5 ms;
-- whole digits training steps, 2 threads, OMP_WAIT_POLICY=PASSIVE, bmm over SDPA in the student:
-  Self-Flow 0.88-0.96x in six runs of `make bench`'s compute breakdown (interleaved, 12 rounds);
-  FM 0.90-0.95x and Self-Flow 0.91-0.97x in three scratch A/Bs (20-24 interleaved rounds); with
-  spinning OpenMP threads FM 0.84x, Self-Flow 0.89x; with 1 thread 0.97-0.98x;
-- forward only (no autograd), 2 threads, PASSIVE: one sampling evaluation of 2000 digits 0.86x,
-  the Self-Flow teacher's forward 0.83x; with 1 thread 1.02x (no gain).
-So "auto" (the default) runs bmm on the CPU with more than one thread for at most BMM_MAX_TOKENS
-tokens, in training and in forward-only calls, and SDPA everywhere else (an earlier rule kept
-training on SDPA: the first training-step readings, at mixed thread counts and wait policies,
-ranged 0.87-1.04x). `make bench` (compute efficiency) measures SDPA against it.
+Why a hand-written kernel: on tiny shapes (16 tokens, head dim 24, hundreds of sample x head pairs)
+PyTorch's CPU scaled_dot_product_attention parallelises poorly over several threads, and timm's unfused
+`q @ k^T` path is slow backward, because bmm falls back to one small matmul per (sample, head) when the
+incoming gradient is a permuted view. Plain bmm on contiguous (groups, N, d) tensors, backward written
+out, was faster on a shared 2-core VM with more than one thread and no faster with one (figures:
+BENCHMARKS.md, compute efficiency). "sdpa" (PyTorch's kernel, the default) is used unless a config opts
+in: "auto" runs bmm on the CPU with more than one thread for at most BMM_MAX_TOKENS tokens (the
+`cpu_shared` host preset selects it), "bmm" forces it.
 """
 from __future__ import annotations
 
@@ -25,8 +18,7 @@ from timm.layers import Attention
 from selfflow.components.core import has_spare_cpu_threads
 
 ATTENTION_KERNELS = ("auto", "sdpa", "bmm")
-# Longest sequence "auto" sends to the bmm kernel (per call, forward + backward, 2 threads: 2x faster
-# at 16 tokens, 1.4x at 64, slower than SDPA at 256).
+# Longest sequence "auto" sends to the bmm kernel (beyond it SDPA was faster in per-call measurements).
 BMM_MAX_TOKENS = 64
 
 
@@ -75,11 +67,11 @@ def batched_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 class TokenAttention(Attention):
     """timm's Attention (same parameters and state-dict keys, so DiT/SiT weights load) with a choice of
-    kernel: "auto" (the default; see the module docstring), "sdpa" (timm's path) or "bmm"
+    kernel: "sdpa" (the default, timm's path), "auto" (see the module docstring) or "bmm"
     (batched_matmul_attention, CPU only). Attention dropout and timm's gated and scale-norm options always
     take timm's path."""
 
-    def __init__(self, *args, kernel: str = "auto", **kwargs) -> None:
+    def __init__(self, *args, kernel: str = "sdpa", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")

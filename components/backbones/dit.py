@@ -106,7 +106,7 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero; modulation is given per token."""
 
     def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
-                 mlp_activation: str = "gelu_tanh", attention_kernel: str = "auto") -> None:
+                 mlp_activation: str = "gelu_tanh", attention_kernel: str = "sdpa") -> None:
         super().__init__()
         if mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {sorted(MLP_ACTIVATIONS)}, got {mlp_activation!r}")
@@ -160,7 +160,7 @@ class DiT(nn.Module):
       return_layers: 1-based blocks whose outputs go into `hidden`.
       stop_at: run blocks 1..stop_at only; velocity is None and hidden[stop_at] is included.
       attn_groups: (B, N) integer ids; a token attends only to tokens with its id.
-    attention_kernel: "auto" (default), "sdpa" or "bmm" (components/backbones/attention.py).
+    attention_kernel: "sdpa" (default), "auto" or "bmm" (components/backbones/attention.py).
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class DiT(nn.Module):
         gathered_modulation: bool = True,
         qk_norm: bool = False,
         mlp_activation: str = "gelu_tanh",
-        attention_kernel: str = "auto",
+        attention_kernel: str = "sdpa",
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("depth", depth),

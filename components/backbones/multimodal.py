@@ -67,7 +67,7 @@ class MultiModalDiT(DiT):
         gathered_modulation: bool = True,
         qk_norm: bool = False,
         mlp_activation: str = "gelu_tanh",
-        attention_kernel: str = "auto",
+        attention_kernel: str = "sdpa",
     ) -> None:
         checked = modality_layouts(layouts)
         first_dim, first_grid = next(iter(checked.values()))

@@ -84,8 +84,8 @@ class REPAObjective(nn.Module):
     (REPA: three layers, width 2048).
     encoder_input: clean tokens (B, N, P) -> encoder images; the platform sets tokenizer.decode.
     grid: the student's token grid; None takes `model.grid` at call time.
-    encoder_thread: "auto", "always" or "never": run the encoder's forward on a second thread while
-        the student's runs (teacher_thread.py; "auto": CPU with > 1 intra-op thread, PASSIVE OpenMP).
+    encoder_thread: "never" (default), "always" or "auto": run the encoder's forward on a second thread
+        while the student's runs (teacher_thread.py; "auto": CPU with > 1 intra-op thread).
     encoder_precision: "float32" (REPA as written) or "bfloat16": the encoder's forward (the decode
         to images included) under bfloat16 autocast, its features cast back to the tokens' dtype
         (precision.py). A cheaper, rounded target for a large encoder (DINOv2); a no-op under the
@@ -107,7 +107,7 @@ class REPAObjective(nn.Module):
         num_classes: int = 0,
         encoder_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
         grid: tuple[int, ...] | None = None,
-        encoder_thread: str = "auto",
+        encoder_thread: str = "never",
         encoder_precision: str = "float32",
     ) -> None:
         super().__init__()

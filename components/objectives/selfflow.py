@@ -45,7 +45,7 @@ from selfflow.components.objectives.teacher_thread import (
     waits_for_teacher_on_error,
 )
 from selfflow.components.paths.linear import LinearPath
-from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps, TimeDistribution
+from selfflow.components.schedules.dual import DualTimesteps, DualTimestepScheduler, TimeDistribution
 
 ATTENTION_SEPARATIONS = ("none", "student", "both")
 
@@ -64,7 +64,7 @@ class SelfFlowObjective(nn.Module):
     attention_separation: "none"; "student": the mask's two noise groups may not attend to each
         other in the student; "both": in the teacher too (group ids = mask).
     early_exit: run the teacher only up to block k.
-    teacher_thread: "auto", "always" or "never": run the teacher's forward on a second thread,
+    teacher_thread: "never" (default), "always" or "auto": run the teacher's forward on a second thread,
         at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread,
         PASSIVE OpenMP).
     teacher_precision: "float32" (the method as written) or "bfloat16": the teacher's forward under
@@ -93,7 +93,7 @@ class SelfFlowObjective(nn.Module):
         num_classes: int = 0,
         attention_separation: str = "none",
         early_exit: bool = True,
-        teacher_thread: str = "auto",
+        teacher_thread: str = "never",
         teacher_precision: str = "float32",
     ) -> None:
         super().__init__()
@@ -229,7 +229,7 @@ class SRAObjective(SelfFlowObjective):
         label_dropout: float = 0.1,
         num_classes: int = 0,
         early_exit: bool = True,
-        teacher_thread: str = "auto",
+        teacher_thread: str = "never",
         teacher_precision: str = "float32",
     ) -> None:
         scheduler = DualTimestepScheduler(time_dist, mask_ratio=0.0, teacher_time="sra", sra_gap=sra_gap)

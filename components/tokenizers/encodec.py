@@ -25,8 +25,6 @@ from typing import Any, Sequence
 
 import torch
 
-from selfflow.components.tokenizers.latents import LatentNormalization
-from selfflow.components.tokenizers.patchify import Patchify
 from selfflow.components.pretrained import (  # noqa: F401 (WeightsNotFoundError: part of this API)
     WeightsNotFoundError,
     building_on_meta,
@@ -34,6 +32,8 @@ from selfflow.components.pretrained import (  # noqa: F401 (WeightsNotFoundError
     hub_offline,
     read_local_config,
 )
+from selfflow.components.tokenizers.latents import LatentNormalization
+from selfflow.components.tokenizers.patchify import Patchify
 
 DEFAULT_SOURCE = "facebook/encodec_24khz"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

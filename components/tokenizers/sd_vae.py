@@ -26,8 +26,6 @@ from typing import Any, Sequence
 
 import torch
 
-from selfflow.components.tokenizers.latents import LatentNormalization
-from selfflow.components.tokenizers.patchify import Patchify
 from selfflow.components.pretrained import (  # noqa: F401 (WeightsNotFoundError: part of this API)
     WeightsNotFoundError,
     building_on_meta,
@@ -35,6 +33,8 @@ from selfflow.components.pretrained import (  # noqa: F401 (WeightsNotFoundError
     hub_offline,
     read_local_config,
 )
+from selfflow.components.tokenizers.latents import LatentNormalization
+from selfflow.components.tokenizers.patchify import Patchify
 
 DEFAULT_SOURCE = "stabilityai/sd-vae-ft-ema"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -146,7 +146,11 @@ class SDVAETokenizer:
             if not self.checked:
                 self._check_folder()
             with hub_offline():
-                from diffusers import AutoencoderKL  # lazy: a slow import the rest of the platform skips
+                try:
+                    from diffusers import AutoencoderKL  # lazy: a slow import the rest of the platform skips
+                except ImportError as error:
+                    raise ModuleNotFoundError(f"SDVAETokenizer needs the optional package diffusers ({error}): "
+                                              f"pip install 'selfflow[sdvae]'") from None
 
                 vae = AutoencoderKL.from_pretrained(str(self.weights_dir), local_files_only=True,
                                                     torch_dtype=self.dtype, low_cpu_mem_usage=False)

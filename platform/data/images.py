@@ -189,31 +189,3 @@ def encode_image_folder(
         "order_seed": seed,
     }
     return write_shards(samples(), out_dir, split, shard_size, metadata, num_classes=len(images.classes))
-
-
-def encode_folder_from_gin(
-    folder: str | os.PathLike,
-    tokenizer_gin: str,
-    out_dir: str | os.PathLike,
-    gin_params: Sequence[str] = (),
-    **options: Any,
-) -> Path:
-    """`selfflow data images`: the tokenizer preset's `autoencoder.tokenizer` encodes the folder."""
-    from selfflow.platform import config
-    from selfflow.platform.errors import UserError
-    from selfflow.platform.tokenizers import autoencoder
-
-    config.parse([tokenizer_gin], gin_params)
-    try:
-        tokenizer = autoencoder()
-    except UserError as error:
-        raise UserError(str(error).strip().splitlines()[0]) from None
-    except (TypeError, ValueError, RuntimeError, OSError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "autoencoder.tokenizer" in str(error) or "Required bindings" in str(error):
-            text = f"{tokenizer_gin} binds no autoencoder.tokenizer (see tokenizers/sd_vae_ema.gin)"
-        raise UserError(text) from None
-    try:
-        return encode_image_folder(folder, tokenizer, out_dir, **options)
-    except (DataError, TypeError, ValueError, OSError) as error:
-        raise UserError(str(error).strip().splitlines()[0]) from None

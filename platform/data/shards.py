@@ -351,7 +351,12 @@ def build_spoken_digits_shards(
 
     speakers: only these speakers (from either split); None = all 88. Tests build a few.
     """
-    from selfflow.components.datasets.spoken_digits import NUM_CLASSES, espeak_version, spoken_digits_split, speaker_split
+    from selfflow.components.datasets.spoken_digits import (
+        NUM_CLASSES,
+        espeak_version,
+        speaker_split,
+        spoken_digits_split,
+    )
 
     groups = speaker_split(seed, test_fraction)
     if speakers is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from selfflow.components.paths.linear import LinearPath
-from selfflow.platform.inference import load_for_sampling
-from selfflow.platform.run import train
+from selfflow.platform.train.driver import train
+from selfflow.platform.train.saved import load_for_sampling
 
 
 @torch.no_grad()
@@ -35,8 +35,8 @@ def test_short_training_lowers_held_out_loss(in_tmp):
     result = train(["digits/fm.gin"], params, run_dir=in_tmp / "run", runs_dir=in_tmp / "runs", progress=False)
     experiment, trained, _ = load_for_sampling(result.run_dir)
     # The same architecture, untrained (adaLN-Zero: predicts zero velocity).
-    from selfflow.platform import config
-    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.experiment import build_from_gin
 
     config.parse_config_string((result.run_dir / "config.gin").read_text())
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import wave
 
 import torch
 
-from selfflow.platform.run import train
+from selfflow.platform.train.driver import train
 
 SMALL = [
     "TrainConfig.steps = 12",
@@ -46,8 +46,8 @@ def test_spoken_digits_selfflow_trains_evaluates_and_writes_audio(in_tmp, spoken
     logged = {item.path for item in client.list_artifacts(result.mlflow_run_id, "samples")}
     assert {"samples/step-00000012.png", "samples/step-00000012.wav"} <= logged
 
-    from selfflow.platform import config
-    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.experiment import build_from_gin
 
     config.parse(["audio/selfflow.gin"], [])
     experiment = build_from_gin()

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from selfflow.platform.compare import compare_runs, format_cell, mean_interval
 from selfflow.platform.errors import UserError
+from selfflow.platform.tracking.compare import compare_runs, format_cell, mean_interval
 
 # group -> seed -> final loss/flow; histories are made from these below.
 FINAL = {"include=digits/fm": [0.50, 0.54, 0.52], "include=digits/selfflow": [0.40, 0.41, 0.45]}

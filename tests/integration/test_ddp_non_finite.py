@@ -12,9 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from selfflow.platform import config
-from selfflow.platform.distributed import DistributedTrainer, ddp_wrapper, rebuild_experiment
+from selfflow.platform.config import bootstrap as config
 from selfflow.platform.errors import TrainingError
+from selfflow.platform.train.driver import rebuild_experiment
+from selfflow.platform.train.parallel import ddp_wrapper
+from selfflow.platform.train.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,7 +40,7 @@ def _worker(rank: int, world_size: int, port: int, config_str: str, out_dir: str
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         experiment = rebuild_experiment(config_str)
-        trainer = DistributedTrainer(experiment, iter(()), Path(out_dir) / f"rank{rank}", rank=rank,
+        trainer = Trainer(experiment, iter(()), Path(out_dir) / f"rank{rank}", rank=rank,
                                      world_size=world_size, wrap_module=ddp_wrapper(), progress=False)
         generator = torch.Generator().manual_seed(rank)
         x = torch.randn(8, 1, 8, 8, generator=generator)

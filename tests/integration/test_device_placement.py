@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfflow.platform import config
+from selfflow.platform.config import bootstrap as config
+from selfflow.platform.config.experiment import build_from_gin
 from selfflow.platform.errors import UserError
-from selfflow.platform.experiment import build_from_gin
-from selfflow.platform.trainer import Trainer
+from selfflow.platform.train.trainer import Trainer
 
 META = torch.device("meta")
 PARAMS = [

@@ -16,21 +16,17 @@ from pathlib import Path
 import gin
 import pytest
 import torch
+from selfflow_testing.faults import InjectedCrash, crash_bindings
+from selfflow_testing.workers import rebuild_operative_config
 from torch import nn
 
-from selfflow.platform import checkpoint as ckpt
-from selfflow.platform import config
-from selfflow.platform.distributed import (
-    InjectedCrash,
-    Scaling,
-    build_seeded,
-    plain_error,
-    rebuild_experiment,
-    rebuild_operative_config,
-    train_distributed,
-)
+from selfflow.platform.config import bootstrap as config
+from selfflow.platform.config.experiment import build_from_gin
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.trainer import Trainer
+from selfflow.platform.scale.ray_train import Scaling, plain_error, train_distributed
+from selfflow.platform.train import checkpoint as ckpt
+from selfflow.platform.train.driver import rebuild_experiment
+from selfflow.platform.train.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -74,7 +70,7 @@ def reference_state(config_str: str, world_size: int, run_dir: Path) -> dict:
 def test_two_workers_equal_one_process_and_survive_a_dead_worker(ray_local, in_tmp):
     """2 gloo workers, rank 1 killed (os._exit) after step 2: Ray restarts the group from the
     step-2 checkpoint, and the result still equals the uninterrupted single-process reference."""
-    params = [*SMALL, "InjectedCrash.at_step = 2", "InjectedCrash.rank = 1"]
+    params = [*SMALL, *crash_bindings(at_step=2, rank=1)]
     result = train_distributed(["digits/selfflow.gin"], params, scaling=Scaling(workers=2, max_failures=2),
                                run_dir=in_tmp / "ddp", runs_dir=in_tmp / "runs")
     assert (in_tmp / "ddp" / "injected_crash.done").is_file(), "the worker was never killed"
@@ -107,7 +103,7 @@ def test_gin_config_round_trips_through_a_ray_worker(ray_local, in_tmp):
     import ray
 
     config_str = config.parse(["digits/selfflow.gin"], SMALL)
-    build_seeded()
+    build_from_gin()
     driver = gin.operative_config_str()
     rebuild = ray.remote(num_cpus=1)(rebuild_operative_config)
     in_worker = ray.get(rebuild.remote(config_str), timeout=600)
@@ -155,7 +151,7 @@ def test_injected_crash_fires_once(tmp_path):
 
 def test_requests_larger_than_the_cluster_are_refused():
     from selfflow.platform.errors import UserError
-    from selfflow.platform.ray_cluster import ClusterInfo, check_fits
+    from selfflow.platform.scale.ray_cluster import ClusterInfo, check_fits
 
     two_cores = ClusterInfo(address="local", local=True, num_cpus=2.0, num_gpus=0.0)
     check_fits(two_cores, workers=2, cpus_per_worker=1, gpus_per_worker=0, what="training")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from selfflow.platform.cli import main as cli_main
-from selfflow.platform.run import train
+from selfflow.platform.train.driver import train
 
 STEPS = 40
 SMALL = [

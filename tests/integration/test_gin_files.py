@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.platform import config
-from selfflow.platform.config import EXPERIMENTS_DIR
-from selfflow.platform.experiment import build_from_gin
+from selfflow.platform.config import bootstrap as config
+from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
+from selfflow.platform.config.experiment import build_from_gin
 
 SKIP_FOLDERS = {"sweeps"}  # sweep specs are not experiments: tested with the sweep runner
 MAX_TRAINABLE_PARAMS = 30_000_000
@@ -74,8 +74,8 @@ def test_there_are_shipped_gin_files():
 @pytest.fixture(scope="session")
 def quick_encoders(tmp_path_factory, digits_root) -> Path:
     """REPA presets point at platform-trained encoders: make tiny ones (few steps)."""
-    from selfflow.platform.datasource import ShardData
-    from selfflow.platform.encoders import EncoderTraining
+    from selfflow.platform.data.sources import ShardData
+    from selfflow.platform.jobs.encoders import EncoderTraining
 
     folder = tmp_path_factory.mktemp("encoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
@@ -87,8 +87,8 @@ def quick_encoders(tmp_path_factory, digits_root) -> Path:
 @pytest.fixture(scope="session")
 def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root) -> Path:
     """Latent presets point at platform-trained conv autoencoders: make tiny ones."""
-    from selfflow.platform.datasource import ShardData
-    from selfflow.platform.tokenizers import AutoencoderTraining
+    from selfflow.platform.data.sources import ShardData
+    from selfflow.platform.jobs.autoencoders import AutoencoderTraining
 
     folder = tmp_path_factory.mktemp("autoencoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
@@ -110,14 +110,14 @@ def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencod
     (in_tmp / "runs" / "autoencoders").symlink_to(quick_autoencoders)
     files = files_for(path)
     if "tokenizers" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.endswith("_train"):
-        from selfflow.platform.tokenizers import AutoencoderTraining
+        from selfflow.platform.jobs.autoencoders import AutoencoderTraining
 
         config.parse([str(path)], ["AutoencoderTraining.steps = 2", "AutoencoderTraining.out = 'runs/ae.pt'"])
         AutoencoderTraining().run()
         assert (in_tmp / "runs" / "ae.pt").exists()
         return
     if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith("digits_"):
-        from selfflow.platform.encoders import EncoderTraining
+        from selfflow.platform.jobs.encoders import EncoderTraining
 
         config.parse([str(path)], ["EncoderTraining.steps = 2", "EncoderTraining.out = 'runs/enc.pt'"])
         EncoderTraining().run()
@@ -130,7 +130,7 @@ def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencod
     datasets = str(getattr(meta.data, "dataset", "")).split("+")  # a mixture names each part's
     if size > MAX_TRAINABLE_PARAMS or not set(datasets) <= set(LOCAL_DATASETS):
         return  # built (on meta) with every binding checked; too large or no local data for a step
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     result = train(files, ONE_STEP, run_dir=in_tmp / "run", runs_dir=in_tmp / "runs", tracking=False, progress=False)
     assert result.checkpoint is not None and result.checkpoint.exists()

@@ -127,7 +127,7 @@ def test_cli_encodes_with_a_tokenizer_gin_and_the_shards_train_through_latent_to
         image_root, tiny_vae_dir, tmp_path, capsys):
     from selfflow.components.tokenizers.latents import LatentTokenizer
     from selfflow.platform.cli import main
-    from selfflow.platform.datasource import ShardData
+    from selfflow.platform.data.sources import ShardData
 
     out = tmp_path / "shards"
     code = main([

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from selfflow.components.core import Batch
-from selfflow.platform import config
-from selfflow.platform.experiment import build_from_gin
+from selfflow.platform.config import bootstrap as config
+from selfflow.platform.config.experiment import build_from_gin
 
 torch.set_num_threads(1)
 IMAGENET = ["imagenet/fm.gin", "imagenet/selfflow.gin", "imagenet/repa_dinov2_b.gin", "imagenet/sra.gin"]
@@ -132,7 +132,7 @@ def tiny_bindings(vae_dir: Path, shards: Path) -> list[str]:
 
 
 def test_selfflow_imagenet_preset_trains_one_step_with_tiny_stand_ins(tiny_sd_vae, latent_shards, tmp_path):
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     result = train(["imagenet/selfflow.gin"], tiny_bindings(tiny_sd_vae, latent_shards), run_dir=tmp_path / "run",
                    runs_dir=tmp_path / "runs", tracking=False, progress=False)
@@ -168,8 +168,8 @@ def test_repa_imagenet_preset_step_with_a_tiny_dinov2(tiny_sd_vae, latent_shards
 
 
 def test_missing_pretrained_weights_are_one_line_errors(tmp_path):
+    from selfflow.platform.config.loaders import timm_encoder_from
     from selfflow.platform.errors import UserError
-    from selfflow.platform.tokenizers import timm_encoder_from
 
     with pytest.raises(UserError, match="weights file not found") as caught:
         timm_encoder_from("vit_base_patch14_dinov2", weights_path=str(tmp_path / "absent.safetensors"))

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from selfflow.platform import checkpoint as ckpt
-from selfflow.platform.run import train
+from selfflow.platform.train import checkpoint as ckpt
+from selfflow.platform.train.driver import train
 
 SMALL = [
     "TrainConfig.steps = 10",
@@ -60,7 +60,7 @@ def test_digits_and_speech_train_in_one_model_and_evaluate_per_modality(in_tmp, 
     assert abs(metrics["diag/audio/masked_fraction"] - 0.5) < 0.1
     assert abs(metrics["diag/image/masked_fraction"] - 0.25) < 0.1
 
-    from selfflow.platform.evaluation import evaluate_run
+    from selfflow.platform.train.saved import evaluate_run
 
     again = evaluate_run(run_dir=result.run_dir, tracking=False)  # `selfflow eval` on a mixture
     assert {"eval/image/fd", "eval/audio/fd"} <= set(again.metrics)
@@ -100,9 +100,9 @@ def test_a_joint_step_trains_on_the_weighted_sum_of_every_modalitys_loss(in_tmp,
 
     from torch import nn
 
-    from selfflow.platform import config
-    from selfflow.platform.experiment import build_from_gin
-    from selfflow.platform.trainer import Trainer
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.experiment import build_from_gin
+    from selfflow.platform.train.trainer import Trainer
 
     (in_tmp / "data" / "spoken_digits").symlink_to(spoken_digits_root)
     config.parse(["mixtures/digits_speech/selfflow.gin"],

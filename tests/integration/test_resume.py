@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfflow.platform import checkpoint as ckpt
-from selfflow.platform.run import train
+from selfflow.platform.train import checkpoint as ckpt
+from selfflow.platform.train.driver import train
 
 SMALL = [
     "DiT.hidden_dim = 32",
@@ -50,7 +50,7 @@ def test_resume_equals_uninterrupted_selfflow(in_tmp, monkeypatch):
     params = SMALL + ["TrainConfig.steps = 10", "TrainConfig.checkpoint_every = 5"]
     full = train(files, params, run_dir=in_tmp / "full", runs_dir=in_tmp / "runs", progress=False)
 
-    from selfflow.platform.callbacks import CheckpointEvery
+    from selfflow.platform.train.callbacks import CheckpointEvery
 
     save = CheckpointEvery.on_step_end
 

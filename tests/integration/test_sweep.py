@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from selfflow.platform.config import EXPERIMENTS_DIR
+from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
 from selfflow.platform.errors import ConfigError, UserError
-from selfflow.platform.sweep import (
+from selfflow.platform.scale.sweep import (
     SEED_KEY,
     SweepResult,
     SweepSpec,
@@ -41,7 +41,7 @@ Sweep.bindings = [
     'TrainConfig.steps = 4', 'TrainConfig.batch_size = 8', 'TrainConfig.log_every = 1',
     'TrainConfig.checkpoint_every = 1', 'TrainConfig.eval_every = 0', 'build_experiment.evaluation = None',
     'SamplingConfig.steps = 2', 'SamplingConfig.per_class = 1',
-    'InjectedCrash.at_step = 3',
+    'import selfflow_testing.faults', 'build_experiment.callbacks = [@InjectedCrash()]', 'InjectedCrash.at_step = 3',
 ]
 Sweep.metric = 'loss/flow'
 Sweep.max_failures = 2
@@ -60,7 +60,7 @@ def spec(**overrides) -> SweepSpec:
 
 @pytest.mark.parametrize("path", sorted((EXPERIMENTS_DIR / "sweeps").glob("*.gin")), ids=lambda p: p.name)
 def test_shipped_sweeps_parse_and_every_trial_config_builds(path):
-    from selfflow.platform import config
+    from selfflow.platform.config import bootstrap as config
 
     loaded, text = load_spec(path)
     assert text == path.read_text()

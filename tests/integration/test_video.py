@@ -7,7 +7,7 @@ import math
 import torch
 from PIL import Image
 
-from selfflow.platform.run import train
+from selfflow.platform.train.driver import train
 
 STEPS = 12
 SMALL = [
@@ -43,8 +43,8 @@ def test_moving_digits_selfflow_trains_evaluates_and_draws(in_tmp, moving_digits
     assert run.data.tags["modality"] == "video" and run.data.tags["dataset"] == "moving_digits"
     assert "DualTimestepScheduler.mask_ratio = 0.1" in (result.run_dir / "operative_config.gin").read_text()
 
-    from selfflow.platform import config
-    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.experiment import build_from_gin
 
     config.parse(["video/selfflow.gin"], [])
     experiment = build_from_gin()

@@ -41,10 +41,16 @@ def _child(request: dict) -> None:
 
 
 def serve() -> None:
+    # The children skip the CLI's start, where the host preset is applied before torch loads: apply
+    # it here, before this process imports torch (every digits case asks for cpu_shared).
+    from selfflow.platform import host
+
+    host.apply_before_torch("cpu_shared")
     import mlflow.tracking  # noqa: F401  imported once here, not in every case
+
     import selfflow.platform.cli  # noqa: F401
-    import selfflow.platform.run  # noqa: F401
-    from selfflow.platform import registry
+    import selfflow.platform.train.driver  # noqa: F401
+    from selfflow.platform.config import registry
 
     registry.register_all()  # imports every component family (timm, torchvision): the slow part
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import REPO_ROOT, cli_env, run_cli, write_tiny_gin
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "bad_inputs"))
@@ -118,7 +117,7 @@ def test_corpus_size():
 
 
 def test_nan_stop_keeps_the_last_good_checkpoint(forkserver, workspace):
-    from selfflow.platform import checkpoint as ckpt
+    from selfflow.platform.train import checkpoint as ckpt
 
     case = next(c for c in CASES if c.name == "nan_loss")
     run = workspace / "run_nan"

@@ -18,11 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from reliability_helpers import (
-    cli_command, cli_env, journal_progress, metric_histories, wait_for, write_tiny_gin,
+    cli_command,
+    cli_env,
+    journal_progress,
+    metric_histories,
+    wait_for,
+    write_tiny_gin,
 )
-from selfflow.platform import checkpoint as ckpt
+from selfflow_testing.faults import WRITE_PAUSE_ENV
+
+from selfflow.platform.train import checkpoint as ckpt
 
 STEPS, LOG_EVERY, CHECKPOINT_EVERY = 150, 4, 6  # 6 is not a multiple of 4: running means cross checkpoints
 MID_WRITE_KILLS, RANDOM_KILLS = 2, 3
@@ -47,7 +53,7 @@ def _tensors(value, prefix=""):
 
 
 def _assert_same_state(reference: dict, resumed: dict) -> None:
-    for part in ("step", "model", "objective", "ema", "optimizer", "lr_schedule", "generator", "torch_rng",
+    for part in ("step", "model", "objective", "ema", "optimizer", "lr_schedule", "generator", "rank_generators",
                  "data", "running", "skipped"):
         a, b = _tensors(reference[part], part), _tensors(resumed[part], part)
         assert a.keys() == b.keys(), f"{part}: different entries"
@@ -60,7 +66,9 @@ def _assert_same_state(reference: dict, resumed: dict) -> None:
 
 def _start(gin: Path, run_dir: Path, uri: str, cwd: Path, resume: bool, pause: float = 0.0) -> subprocess.Popen:
     args = ["train", "--gin_file", str(gin), "--run-dir", str(run_dir), "--quiet"] + (["--resume"] if resume else [])
-    extra = {ckpt.WRITE_PAUSE_ENV: str(pause)} if pause else {}
+    # The test's own fault injector (tests/plugins/selfflow_testing/faults.py) stalls checkpoint writes.
+    args += ["--gin_param", "import selfflow_testing.faults"]
+    extra = {WRITE_PAUSE_ENV: str(pause)} if pause else {}
     return subprocess.Popen(cli_command(*args), cwd=cwd, env=cli_env(uri, **extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -87,7 +95,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, di
     checkpoints = chaos_dir / "checkpoints"
 
     # The uninterrupted reference, in this process (same code below the CLI, no extra imports to pay).
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     train([str(gin)], run_dir=tmp_path / "reference_run", runs_dir=tmp_path, tracking_uri=ref_uri, progress=False)
 

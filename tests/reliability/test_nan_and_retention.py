@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reliability_helpers import write_tiny_gin
-from selfflow.platform import checkpoint as ckpt
-from selfflow.platform import config
-from selfflow.platform.callbacks import CheckpointEvery
+
+from selfflow.platform.config import bootstrap as config
+from selfflow.platform.config.experiment import build_from_gin
 from selfflow.platform.errors import TrainingError
-from selfflow.platform.experiment import build_from_gin
-from selfflow.platform.trainer import Trainer
+from selfflow.platform.train import checkpoint as ckpt
+from selfflow.platform.train.callbacks import CheckpointEvery
+from selfflow.platform.train.trainer import Trainer
 
 
 class RecordingTracker:

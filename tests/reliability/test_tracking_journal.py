@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from selfflow.platform import tracking
 from selfflow.platform.errors import UserError
-from selfflow.platform.journal import TrackingJournal, journal_path
-from selfflow.platform.tracking import MLflowTracker, sync_run_dir
+from selfflow.platform.tracking import mlflow_tracker as tracking
+from selfflow.platform.tracking.journal import TrackingJournal, journal_path
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, sync_run_dir
 
 
 def _history(tracker: MLflowTracker, key: str) -> list[tuple[int, float]]:

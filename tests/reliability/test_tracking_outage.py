@@ -15,7 +15,14 @@ import time
 
 from mlflow_server import MlflowServer
 from reliability_helpers import (
-    cli_command, cli_env, count_values, journal_lines, journal_progress, metric_histories, run_cli, wait_for,
+    cli_command,
+    cli_env,
+    count_values,
+    journal_lines,
+    journal_progress,
+    metric_histories,
+    run_cli,
+    wait_for,
     write_tiny_gin,
 )
 

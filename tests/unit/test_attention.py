@@ -88,7 +88,7 @@ def test_bmm_kernel_matches_timm_sdpa_layer(qk_norm):
 
 
 def test_auto_picks_bmm_for_short_cpu_calls_with_threads(monkeypatch):
-    assert DiT(4, (4, 4), hidden_dim=16, depth=1, num_heads=4).blocks[0].attn.kernel == "auto"  # the default
+    assert DiT(4, (4, 4), hidden_dim=16, depth=1, num_heads=4).blocks[0].attn.kernel == "sdpa"  # the default
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = TokenAttention(16, num_heads=4, kernel="auto")
     assert layer.uses_bmm(torch.zeros(2, BMM_MAX_TOKENS, 16))

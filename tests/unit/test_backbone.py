@@ -169,7 +169,7 @@ def test_exact_gelu_option_matches_the_reference_and_differs_from_tanh(gathered)
 def test_digits_preset_uses_exact_gelu_and_imagenet_presets_keep_dits():
     import gin
 
-    from selfflow.platform import config as gin_config
+    from selfflow.platform.config import bootstrap as gin_config
 
     def activations(preset: str) -> set[str]:
         gin_config.parse([preset], finalize=False)
@@ -364,11 +364,8 @@ def test_xl2_parameter_count_on_meta_device():
         count_parameters("XXL", 16, (16, 16), 1000)
 
 
-def test_tiny_preset_builds_for_digits_and_satisfies_the_protocol():
-    from selfflow.platform.interfaces import Backbone
-
+def test_tiny_preset_builds_for_digits():
     model = dit_from_size("tiny", in_dim=4, grid=(4, 4), num_classes=10)
-    assert isinstance(model, Backbone)
     assert (model.hidden_dim, model.depth, model.num_tokens) == (96, 6, 16)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfflow.platform import checkpoint as ckpt
 from selfflow.platform.errors import CheckpointError
+from selfflow.platform.train import checkpoint as ckpt
 
 
 class Evil:

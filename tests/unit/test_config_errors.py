@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from selfflow.platform import config
+from selfflow.platform.config import bootstrap as config
 from selfflow.platform.errors import ConfigError
 
 
@@ -79,7 +79,7 @@ def test_malformed_syntax(tmp_path):
 
 
 def test_missing_required_binding(tmp_path):
-    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.config.experiment import build_from_gin
 
     path = write(tmp_path, "a.gin", "include 'data/digits.gin'\ninclude 'tokenizers/pixels_patch2.gin'\n")
     config.parse([path])

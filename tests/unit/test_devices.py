@@ -24,16 +24,21 @@ from selfflow.components.metrics.stratified import stratified_flow_loss
 from selfflow.components.objectives.flow_matching import FlowMatchingObjective
 from selfflow.components.objectives.repa import REPAObjective
 from selfflow.components.objectives.selfflow import SelfFlowObjective, SRAObjective
-from selfflow.components.samplers import (EulerMaruyamaSampler, EulerSampler, HeunSampler, time_grid,
-                                          time_grid_with_final_jump)
+from selfflow.components.samplers import (
+    EulerMaruyamaSampler,
+    EulerSampler,
+    HeunSampler,
+    time_grid,
+    time_grid_with_final_jump,
+)
 from selfflow.components.schedules.dual import DualTimestepScheduler
 from selfflow.components.schedules.timesteps import LogitNormalTime, UniformTime
 from selfflow.components.tokenizers.pixels import PixelTokenizer
-from selfflow.platform import devices
-from selfflow.platform.distributed import worker_device
+from selfflow.platform.config import devices
+from selfflow.platform.config.experiment import SamplingConfig, TrainConfig
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.experiment import SamplingConfig, TrainConfig
-from selfflow.platform.sampling import generate
+from selfflow.platform.evaluate.generation import generate
+from selfflow.platform.scale.ray_train import worker_device
 
 META = torch.device("meta")
 NUM_CLASSES = 10

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from selfflow.components.schedules.dual import DualTimestepScheduler, DualTimesteps
+from selfflow.components.schedules.dual import DualTimesteps, DualTimestepScheduler
 from selfflow.components.schedules.timesteps import LogitNormalTime, UniformTime
 
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from selfflow.platform.config.experiment import TrainConfig
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.experiment import TrainConfig
-from selfflow.platform.trainer import lr_factor
+from selfflow.platform.train.trainer import lr_factor
 
 
 def test_warmup_is_linear_then_constant():
@@ -34,7 +34,7 @@ def test_linear_decay_is_a_straight_line():
 
 
 def test_the_trainer_uses_the_schedule(in_tmp):
-    from selfflow.platform.run import train
+    from selfflow.platform.train.driver import train
 
     params = ["DiT.hidden_dim = 32", "DiT.depth = 2", "DiT.num_heads = 2", "TrainConfig.batch_size = 8",
               "TrainConfig.steps = 6", "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0",

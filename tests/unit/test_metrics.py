@@ -340,7 +340,7 @@ def test_random_shift_translates_each_image():
 
 
 def tiny_eval_data():
-    from selfflow.platform.evaluation import EvalData
+    from selfflow.platform.evaluate.eval_data import EvalData
 
     train_x, train_y = two_class_images(64, seed=0)
     test_x, test_y = two_class_images(32, seed=1)
@@ -349,7 +349,7 @@ def tiny_eval_data():
 
 
 def test_evaluator_is_cached_by_content_hash(tmp_path):
-    from selfflow.platform.evaluation import ClassifierEvaluator
+    from selfflow.platform.evaluate.evaluators import ClassifierEvaluator
 
     data = tiny_eval_data()
     recipe = ClassifierEvaluator(channels=(4, 8), steps=3, batch_size=16)
@@ -370,7 +370,7 @@ def test_evaluator_is_cached_by_content_hash(tmp_path):
 
 
 def test_generation_labels_follow_the_test_split():
-    from selfflow.platform.evaluation import generation_labels
+    from selfflow.platform.evaluate.eval_data import generation_labels
 
     test_labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 20)
     same = generation_labels(test_labels, 60, seed=0)
@@ -381,19 +381,19 @@ def test_generation_labels_follow_the_test_split():
 
 
 def test_eval_callback_cadence():
-    from selfflow.platform.evaluation import EvalSuite
+    from selfflow.platform.evaluate.suite import EvalSuite
 
-    callback = EvalSuite(every=30, min_steps=50).callback()
-    due = [step for step in range(1, 101) if callback.due(step, 100, default_every=0)]
+    suite = EvalSuite(every=30, min_steps=50)
+    due = [step for step in range(1, 101) if suite.due(step, 100, default_every=0)]
     assert due == [30, 60, 90, 100]
-    assert not any(callback.due(step, 10, default_every=5) for step in range(1, 11))  # a smoke run
-    follows_train = EvalSuite(every=None, min_steps=0).callback()
+    assert not any(suite.due(step, 10, default_every=5) for step in range(1, 11))  # a smoke run
+    follows_train = EvalSuite(every=None, min_steps=0)
     assert [s for s in range(1, 21) if follows_train.due(s, 20, default_every=8)] == [8, 16, 20]
 
 
 def test_eval_suite_rejects_bad_settings():
     from selfflow.platform.errors import ConfigError
-    from selfflow.platform.evaluation import EvalSuite
+    from selfflow.platform.evaluate.suite import EvalSuite
 
     with pytest.raises(ConfigError, match="num_samples"):
         EvalSuite(num_samples=1)

@@ -7,9 +7,10 @@ import torch
 
 from selfflow.components.schedules.dual import DualTimestepScheduler
 from selfflow.components.schedules.timesteps import UniformTime
+from selfflow.platform.data.mixture import MixtureData
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.mixture import MixtureData, PrefixedTracker
-from selfflow.platform.trainer import RunningMeans
+from selfflow.platform.evaluate.modalities import PrefixedTracker
+from selfflow.platform.train.trainer import RunningMeans
 
 
 class CountingLoader:
@@ -161,8 +162,8 @@ def test_prefixed_tracker_names_metrics_and_artifacts_by_modality():
     ("build_experiment.objective = @REPAObjective", "REPAObjective works on one token layout"),
 ])
 def test_a_mis_bound_mixture_fails_with_one_line(binding, message, in_tmp):
-    from selfflow.platform import config
-    from selfflow.platform.experiment import build_from_gin
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.experiment import build_from_gin
 
     extra = ["DiT.hidden_dim = 96", "DiT.depth = 2", "DiT.num_heads = 4"] if "@DiT" in binding else []
     config.parse(["mixtures/digits_speech/fm.gin"], binding.splitlines() + extra)
@@ -180,8 +181,8 @@ def test_data_parallel_wrapping_expects_a_mixtures_idle_modality_layers(tmp_path
     from selfflow.components.core import Batch
     from selfflow.components.objectives.flow_matching import FlowMatchingObjective
     from selfflow.components.schedules.timesteps import UniformTime
-    from selfflow.platform.distributed import ddp_wrapper
-    from selfflow.platform.trainer import TrainingModule
+    from selfflow.platform.scale.ray_train import ddp_wrapper
+    from selfflow.platform.train.trainer import TrainingModule
 
     def module() -> TrainingModule:
         model = MultiModalDiT({"image": (4, (4, 4)), "audio": (6, (10,))}, hidden_dim=16, depth=2, num_heads=2,
@@ -214,7 +215,7 @@ def test_data_parallel_wrapping_expects_a_mixtures_idle_modality_layers(tmp_path
 
 
 def test_compare_shows_each_modalitys_metrics_by_default():
-    from selfflow.platform.compare import default_metrics, without_modality
+    from selfflow.platform.tracking.compare import default_metrics, without_modality
 
     present = {"loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow", "eval/audio/fd", "eval/image/fd",
                "probe/image/linear/best", "probe/linear/block1/t0", "eval/audio/fd_data_floor"}

@@ -70,7 +70,7 @@ def test_bad_arguments_are_named(kwargs, message):
 
 
 def test_shards_hold_the_generated_clips(moving_digits_root):
-    from selfflow.platform.datasource import ShardData
+    from selfflow.platform.data.sources import ShardData
 
     data = ShardData(root=str(moving_digits_root), num_classes=10, data_shape=clip_shape(), dataset="moving_digits")
     stored, stored_labels = data.arrays("test")
@@ -96,7 +96,7 @@ def test_clip_evaluator_features_and_one_shift_per_clip():
 
 
 def test_film_strips_put_frames_side_by_side():
-    from selfflow.platform.sampling import film_strips
+    from selfflow.platform.evaluate.media import film_strips
 
     clips = torch.rand(2, 1, 3, 4, 5)
     strips = film_strips(clips, gap_value=-1.0)

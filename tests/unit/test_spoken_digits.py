@@ -21,7 +21,7 @@ from selfflow.components.datasets.spoken_digits import (
 )
 from selfflow.components.metrics.evaluator import SpectrogramClassifierCNN, fit_classifier, random_shift
 from selfflow.platform.data.loader import load_split_arrays, read_index
-from selfflow.platform.sampling import save_sample_grid, spectrogram_images
+from selfflow.platform.evaluate.media import save_sample_grid, spectrogram_images
 
 
 def test_speakers_are_split_disjointly_and_completely():

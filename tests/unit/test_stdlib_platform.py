@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 def test_stdlib_platform_in_process():
     import platform
 
-    import selfflow.platform.config  # noqa: F401  our engine is importable next to it
+    import selfflow.platform.config.bootstrap  # noqa: F401  our engine is importable next to it
 
     assert platform.system()
     assert hasattr(platform, "python_version")
@@ -16,7 +16,7 @@ def test_stdlib_platform_in_process():
 
 def test_stdlib_platform_in_subprocess_from_repo_root():
     # `python -c` puts the working directory first on sys.path: the worst case.
-    code = "import platform, sys; print(platform.system()); import selfflow.platform.trainer; import torch"
+    code = "import platform, sys; print(platform.system()); import selfflow.platform.train.trainer; import torch"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[0] in {"Linux", "Darwin", "Windows"}

@@ -278,8 +278,8 @@ def test_conv_ae_save_load_round_trip(fitted, tmp_path, digit_images):
 # ----- platform glue: gin training job, loader, CLI ---------------------------------------------
 
 def test_conv_ae_from_names_the_training_command(tmp_path):
+    from selfflow.platform.config.loaders import conv_ae_from
     from selfflow.platform.errors import UserError
-    from selfflow.platform.tokenizers import conv_ae_from
 
     with pytest.raises(UserError, match=r"selfflow autoencoder --gin_file tokenizers/conv_ae_digits_train\.gin"):
         conv_ae_from(str(tmp_path / "conv_ae_digits.pt"))
@@ -287,7 +287,7 @@ def test_conv_ae_from_names_the_training_command(tmp_path):
 
 def test_autoencoder_cli_trains_from_the_shipped_gin(in_tmp, capsys):
     from selfflow.platform.cli import main
-    from selfflow.platform.tokenizers import conv_ae_from
+    from selfflow.platform.config.loaders import conv_ae_from
 
     code = main(["autoencoder", "--gin_file", "tokenizers/conv_ae_digits_train.gin",
                  "--gin_param", "AutoencoderTraining.steps = 3", "--gin_param", "AutoencoderTraining.hidden_channels = 8"])
@@ -339,7 +339,7 @@ def test_conv_ae_1d_learns_waveforms_and_survives_save_load(tmp_path):
 
 def test_autoencoder_cli_trains_the_audio_preset(in_tmp, spoken_digits_root, capsys):
     from selfflow.platform.cli import main
-    from selfflow.platform.tokenizers import conv_ae_from
+    from selfflow.platform.config.loaders import conv_ae_from
 
     (in_tmp / "data" / "spoken_digits").symlink_to(spoken_digits_root)
     code = main(["autoencoder", "--gin_file", "tokenizers/conv_ae_audio_train.gin",

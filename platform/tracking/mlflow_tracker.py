@@ -1,0 +1,435 @@
+"""Experiment tracking: MLflow (embedded SQLite by default) or nothing.
+
+Only rank 0 constructs an MLflowTracker; other ranks get a NullTracker.
+
+Reliability (docs/reliability.md):
+- The store is probed when the tracker starts: unreachable means a one-line
+  UserError naming the URI, before any training (HTTP retries are off for the probe).
+- Metrics, tags, artifacts and the final status go through an in-memory queue and,
+  when the tracker has a run folder, the append-only journal (platform/journal.py)
+  first. A failed delivery starts an outage: training goes on, the queue is retried
+  with backoff, and `finish` drains it. What is still undelivered stays in the
+  journal for the next resume or `selfflow sync --run-dir`.
+- With a run folder, a run holds one value per (metric, step): values for a step
+  the store already has are not sent again. A resumed run recomputes the steps after
+  its checkpoint; the ones delivered before the kill are not duplicated.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from selfflow.platform.errors import UserError
+from selfflow.platform.tracking.base import NullTracker, Tracker  # noqa: F401  (re-exported)
+from selfflow.platform.tracking.journal import Record, TrackingJournal, journal_path
+
+DEFAULT_EXPERIMENT = "selfflow"
+_PARAM_BATCH = 100  # MLflow's log_batch limit on params per call
+_METRIC_BATCH = 1000
+_PROBE_TIMEOUT_S = 5
+_SEND_TIMEOUT_S = 10
+_FIRST_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 30.0
+_MARK_EVERY = 100  # journal a delivered watermark at least every N records
+DRAIN_ENV = "SELFFLOW_TRACKING_DRAIN_SECONDS"  # how long `finish` keeps retrying (default 30)
+# A request the store understood and refused: retrying cannot help.
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike = "runs") -> str:
+    """MLFLOW_TRACKING_URI if set, else SQLite in the runs folder of the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(runs_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def quiet_mlflow() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store.db"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _warn(message: str) -> None:
+    print(f"selfflow: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+@contextlib.contextmanager
+def _http_limits(retries: int, timeout: int, force: bool = False) -> Iterator[None]:
+    """Bound MLflow's HTTP retries/timeout (its defaults retry for minutes).
+
+    The user's own MLFLOW_HTTP_REQUEST_* settings win unless `force` (the start probe must fail fast).
+    """
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    saved = {name: os.environ.get(name) for name in wanted}
+    for name, value in wanted.items():
+        if force or saved[name] is None:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _is_locked(error: BaseException) -> bool:
+    return "database is locked" in str(error) or "database table is locked" in str(error)
+
+
+def _is_permanent(error: BaseException) -> bool:
+    if isinstance(error, FileNotFoundError):
+        return True
+    return getattr(error, "error_code", None) in _PERMANENT_CODES
+
+
+def _retry_locked(call, what: str, uri: str, patience_s: float = 60.0):
+    """Run `call`, retrying SQLite 'database is locked' with backoff (concurrent writers)."""
+    deadline = time.monotonic() + patience_s
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if not _is_locked(error) or time.monotonic() > deadline:
+                raise UserError(f"MLflow {what} failed at {uri}: {_first_line(error)}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@contextlib.contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Serialize opening an SQLite store across processes on this machine: MLflow creates
+    and migrates the file when a client first opens it, and two processes doing that at
+    once corrupt each other's migration ('expected to match one row')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(database.with_name(database.name + ".init-lock"), "a")
+    except OSError as error:
+        raise UserError(f"MLflow tracking store unusable at {uri}: {error.strerror or error} ({database.parent})") from None
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class DeliveryStats:
+    records: int = 0  # records delivered (or found already delivered)
+    metric_values: int = 0  # metric values sent to the store
+    duplicates: int = 0  # metric values skipped: the store already had that (key, step)
+    dropped: int = 0  # records the store refused for good (e.g. a vanished artifact file)
+
+
+class _Delivery:
+    """The ordered queue of records and how they reach the store."""
+
+    def __init__(self, client, uri: str, journal: TrackingJournal | None, dedupe: bool):
+        self.client, self.uri, self.journal, self.dedupe = client, uri, journal, dedupe
+        self.queue: deque[Record] = deque()
+        self.present: dict[str, set[tuple[str, int]]] = {}  # run id -> (key, step) in the store
+        self.stats = DeliveryStats()
+        self.backoff = 0.0
+        self.next_attempt = 0.0
+        self.outage: str | None = None  # reason, while the store is unreachable
+        self._local_seq = 0
+
+    def submit(self, op: str, run_id: str, **payload) -> None:
+        if self.journal is not None:
+            record = self.journal.append(op, run_id, **payload)
+        else:
+            self._local_seq += 1
+            record = Record(self._local_seq, op, run_id, payload)
+        self.queue.append(record)
+        self.pump()
+
+    def pump(self, force: bool = False) -> bool:
+        """Deliver queued records in order; False (and an outage) if the store is unreachable."""
+        if not self.queue:
+            return True
+        if not force and self.outage is not None and time.monotonic() < self.next_attempt:
+            return False
+        last, unmarked = 0, 0
+        try:
+            with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
+                while self.queue:
+                    record = self.queue[0]
+                    try:
+                        self._send(record)
+                    except Exception as error:
+                        if not _is_permanent(error):
+                            raise
+                        self.stats.dropped += 1
+                        _warn(f"tracking store refused the {record.op} record for run {record.run_id}: "
+                              f"{_first_line(error)}; skipping it")
+                    self.queue.popleft()
+                    self.stats.records += 1
+                    last, unmarked = record.seq, unmarked + 1
+                    if unmarked >= _MARK_EVERY and self.journal is not None:
+                        self.journal.mark_delivered(last)
+                        unmarked = 0
+        except Exception as error:
+            self._start_or_extend_outage(error)
+            return False
+        finally:
+            if last and self.journal is not None:
+                self.journal.mark_delivered(last)
+        if self.outage is not None:
+            print(f"selfflow: tracking store {self.uri} reachable again: delivered the queued records",
+                  file=sys.stderr, flush=True)
+            self.outage, self.backoff = None, 0.0
+        return True
+
+    def _start_or_extend_outage(self, error: BaseException) -> None:
+        if self.outage is None:
+            self.outage = _first_line(error, 160)
+            where = f"; journal: {self.journal.path}" if self.journal is not None else ""
+            _warn(f"tracking store {self.uri} unreachable ({self.outage}); training continues and "
+                  f"tracking records are queued{where}")
+        self.backoff = min(max(self.backoff * 2, _FIRST_BACKOFF_S), _MAX_BACKOFF_S)
+        self.next_attempt = time.monotonic() + self.backoff
+
+    def _present_for(self, run_id: str) -> set[tuple[str, int]]:
+        if run_id not in self.present:
+            found: set[tuple[str, int]] = set()
+            for key in self.client.get_run(run_id).data.metrics:
+                found.update((key, int(m.step)) for m in self.client.get_metric_history(run_id, key))
+            self.present[run_id] = found
+        return self.present[run_id]
+
+    def _send(self, record: Record) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        payload = record.payload
+        if record.op == "metrics":
+            step, stamp = int(payload["step"]), int(payload["time"])
+            values = payload["metrics"]
+            present = self._present_for(record.run_id) if self.dedupe else set()  # no dedupe: skip nothing
+            fresh = {key: value for key, value in values.items() if (key, step) not in present}
+            items = [Metric(key, float(value), stamp, step) for key, value in fresh.items()]
+            for start in range(0, len(items), _METRIC_BATCH):
+                batch = items[start:start + _METRIC_BATCH]
+                self.client.log_batch(record.run_id, metrics=batch)
+                if self.dedupe:
+                    present.update((metric.key, step) for metric in batch)  # a retry resends only the rest
+                self.stats.metric_values += len(batch)
+            self.stats.duplicates += len(values) - len(fresh)
+        elif record.op == "tags":
+            tags = [RunTag(key, str(value)) for key, value in payload["tags"].items()]
+            self.client.log_batch(record.run_id, tags=tags)
+        elif record.op == "artifact":
+            if not Path(payload["path"]).exists():
+                raise FileNotFoundError(f"artifact file {payload['path']} no longer exists")
+            self.client.log_artifact(record.run_id, payload["path"], payload.get("artifact_path"))
+        elif record.op == "status":
+            self.client.set_terminated(record.run_id, status=payload["status"])
+        else:
+            raise FileNotFoundError(f"unknown journal record op {record.op!r}")  # permanent: skip it
+
+    def drain(self, seconds: float) -> bool:
+        """Keep trying (ignoring backoff) until the queue is empty or `seconds` pass."""
+        deadline = time.monotonic() + seconds
+        while not self.pump(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(max(self.backoff, 0.2), left))
+        return True
+
+
+class MLflowTracker:
+    """Logs into one MLflow run through the client API (explicit run ids, no global state).
+
+    journal_dir: the run folder; when given, records are journaled before sending and
+    each (metric, step) is stored once (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        runs_dir: str | os.PathLike = "runs",
+        journal_dir: str | os.PathLike | None = None,
+    ):
+        quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
+        with _store_init_lock(self.tracking_uri):
+            try:
+                self.client = MlflowClient(tracking_uri=self.tracking_uri)  # SQLite: creates/migrates the file
+            except Exception as error:
+                raise UserError(f"MLflow tracking store unusable at {self.tracking_uri}: {_first_line(error)}") from None
+            self.experiment_id = self._experiment_id(experiment, runs_dir)
+        self.journal = TrackingJournal(journal_path(journal_dir)) if journal_dir is not None else None
+        self.delivery = _Delivery(self.client, self.tracking_uri, self.journal, dedupe=journal_dir is not None)
+        try:
+            self._open_run(run_id, run_name, tags, parent_run_id)
+        except BaseException:
+            self._close_journal()
+            raise
+        if self.journal is not None:
+            self.journal.opened(self.tracking_uri)
+            self.delivery.queue.extend(self.journal.pending_at_open())  # left by a killed process
+            self.delivery.pump()
+
+    def _open_run(self, run_id, run_name, tags, parent_run_id) -> None:
+        uri = self.tracking_uri
+        with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
+            if run_id is not None:
+                try:
+                    self.client.get_run(run_id)
+                except Exception as error:
+                    raise UserError(f"cannot resume MLflow run {run_id} at {uri}: {_first_line(error, 160)}") from None
+                _retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"), "update_run", uri)
+                self.run_id = run_id
+            else:
+                all_tags = dict(tags or {})
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = _retry_locked(
+                    lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags),
+                    "create_run", uri,
+                )
+                self.run_id = run.info.run_id
+                self.delivery.present[self.run_id] = set()  # a new run has no metrics yet
+
+    def _experiment_id(self, name: str, runs_dir) -> str:
+        uri = self.tracking_uri
+        try:
+            with _http_limits(retries=0, timeout=_PROBE_TIMEOUT_S, force=True):
+                found = _retry_locked(lambda: self.client.get_experiment_by_name(name), "probe", uri, 30.0)
+        except Exception as error:  # unreachable server or unusable database: fail before training
+            reason = _first_line(error).removeprefix(f"MLflow probe failed at {uri}: ")
+            raise UserError(f"MLflow tracking store unreachable at {uri}: {reason}") from None
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(runs_dir).resolve() / "artifacts").as_uri()
+        try:
+            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location),
+                                 "create_experiment", uri, 30.0)
+        except UserError:
+            # Another process created it between our lookup and create.
+            return _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
+                                 "get_experiment", uri, 30.0)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        uri = self.tracking_uri
+        with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
+            existing = _retry_locked(lambda: self.client.get_run(self.run_id).data.params, "get_run", uri)
+            items = [
+                Param(key[:250], str(value)[:6000])
+                for key, value in params.items()
+                if key[:250] not in existing  # a resumed run may not re-log params
+            ]
+            for start in range(0, len(items), _PARAM_BATCH):
+                batch = items[start:start + _PARAM_BATCH]
+                _retry_locked(lambda: self.client.log_batch(self.run_id, params=batch), "log_params", uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        values = {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
+        if values:
+            self.delivery.submit("metrics", self.run_id, step=int(step), time=int(time.time() * 1000), metrics=values)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.delivery.submit("artifact", self.run_id, path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.delivery.submit("tags", self.run_id, tags={key: str(value) for key, value in tags.items()})
+
+    def flush(self, seconds: float = 0.0) -> bool:
+        """Try to deliver everything queued now (for up to `seconds`); True if nothing is left."""
+        return self.delivery.drain(seconds)
+
+    @property
+    def pending(self) -> int:
+        return len(self.delivery.queue)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.delivery.submit("status", self.run_id, status=status)
+        if not self.delivery.drain(float(os.environ.get(DRAIN_ENV, "30"))):
+            where = (f"they are kept in {self.journal.path}: run `selfflow sync --run-dir {self.journal.path.parent}`"
+                     if self.journal is not None else "they are lost (no run folder to journal them in)")
+            _warn(f"{self.pending} tracking records for run {self.run_id} not delivered to {self.tracking_uri}; {where}")
+        self._close_journal()
+
+    def _close_journal(self) -> None:
+        if getattr(self, "journal", None) is not None:
+            self.journal.close()
+
+
+@dataclass
+class SyncResult:
+    journal: Path
+    tracking_uri: str
+    pending_before: int
+    pending_after: int
+    stats: DeliveryStats
+
+
+def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None, seconds: float = 10.0) -> SyncResult:
+    """Deliver a run folder's undelivered journal records into their MLflow runs (never twice per step)."""
+    quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    journal = TrackingJournal(journal_path(run_dir), create=False)
+    try:
+        uri = tracking_uri or journal.tracking_uri
+        if not uri:
+            raise UserError(f"{journal.path} does not record a tracking URI: pass --tracking-uri")
+        try:
+            with _store_init_lock(uri), _http_limits(retries=0, timeout=_PROBE_TIMEOUT_S, force=True):
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)
+        except Exception as error:
+            raise UserError(f"MLflow tracking store unreachable at {uri}: {_first_line(error)}") from None
+        delivery = _Delivery(client, uri, journal, dedupe=True)
+        delivery.queue.extend(journal.pending_at_open())
+        before = len(delivery.queue)
+        delivery.drain(seconds)
+        return SyncResult(journal.path, uri, before, len(delivery.queue), delivery.stats)
+    finally:
+        journal.close()

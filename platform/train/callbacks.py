@@ -1,0 +1,124 @@
+"""Trainer callbacks: checkpoints, operative config, sample grids, periodic evaluation.
+
+A callback is any object with `on_step_end(trainer, logs)`; the driver (platform/train/driver.py)
+builds the standard list, and gin can add more (`build_experiment.callbacks`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import gin
+import torch
+
+from selfflow.components.files import write_text_atomic
+from selfflow.platform.evaluate.generation import class_grid_labels, generate
+from selfflow.platform.evaluate.media import save_sample_grid
+from selfflow.platform.evaluate.modalities import PrefixedTracker
+
+log = logging.getLogger("selfflow.evaluation")
+
+
+class CheckpointEvery:
+    """Save full state every `every` steps and at the last step (rank 0 only)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, logs) -> None:
+        last = trainer.step == trainer.config.steps
+        if last or (self.every and trainer.step % self.every == 0):
+            path = trainer.save_checkpoint()
+            if last and path is not None:
+                pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
+                trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
+                trainer.tracker.log_artifact(pointer)
+
+
+class LogOperativeConfig:
+    """After the first step, gin knows every parameter actually used: save and log it."""
+
+    def __init__(self):
+        self.done = False
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.done or trainer.rank != 0:
+            return
+        self.done = True
+        path = write_text_atomic(trainer.run_dir / "operative_config.gin", gin.operative_config_str())
+        trainer.tracker.log_artifact(path)
+
+
+class SampleGrid:
+    """A grid of EMA samples from fixed noise (one row per class) at every eval step."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, logs) -> None:
+        last = trainer.step == trainer.config.steps
+        if trainer.rank != 0 or not (last or (self.every and trainer.step % self.every == 0)):
+            return
+        for path in write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step):
+            trainer.tracker.log_artifact(path, "samples")
+
+
+def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:
+    """The grid PNG (and, for audio, its wav) of the EMA model's samples at `step`; a mixture writes
+    one per modality (step-<step>-<modality>.png)."""
+    written = []
+    for modality, view in experiment.views():
+        name = f"step-{step:08d}" + (f"-{modality}" if modality else "")
+        written += _write_grid(view, model, Path(folder) / f"{name}.png")
+    return written
+
+
+def _write_grid(experiment, model, path: Path) -> list[Path]:
+    config = experiment.sampling
+    num_classes = experiment.num_classes
+    labels = class_grid_labels(num_classes, config.per_class) if num_classes else None
+    generator = torch.Generator().manual_seed(config.seed)
+    images = generate(model, experiment.tokenizer, config, labels, num_samples=config.per_class * 4, generator=generator)
+    value_range = getattr(experiment.tokenizer, "data_range", (0.0, 1.0))
+    sample_rate = int(getattr(experiment.data, "sample_rate", 0) or 0)
+    return save_sample_grid(images, path, nrow=config.per_class, value_range=value_range, sample_rate=sample_rate)
+
+
+class EvalCallback:
+    """Rank 0 evaluates the EMA model with `suite` on the suite's cadence (`suite.due`). With a
+    `modality`, the suite scores that modality's view of a mixture, its metrics named
+    eval/<modality>/... (platform/evaluate/modalities.py)."""
+
+    def __init__(self, suite: Any, modality: str | None = None):
+        self.suite = suite
+        self.modality = modality
+        self.announced = False
+
+    def on_step_end(self, trainer, logs) -> None:
+        if trainer.rank != 0:
+            return
+        min_steps = getattr(self.suite, "min_steps", 0)
+        if trainer.config.steps < min_steps and not self.announced:
+            self.announced = True
+            log.warning("run of %d steps < EvalSuite.min_steps=%d: no evaluation (run `selfflow eval` on it)",
+                        trainer.config.steps, min_steps)
+        if self.suite.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer) -> None:
+        if self.modality is None:
+            self.suite.run(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
+            return
+        self.suite.run(trainer.experiment.view(self.modality), trainer.eval_model, trainer.step,
+                       PrefixedTracker(trainer.tracker, self.modality), trainer.run_dir,
+                       out_dir=Path(trainer.run_dir) / "eval" / self.modality)
+
+
+def evaluation_callbacks(evaluation: Any) -> list[EvalCallback]:
+    """One EvalCallback for a suite, one per modality for a mixture's {modality: suite}; none without."""
+    if evaluation is None:
+        return []
+    if isinstance(evaluation, Mapping):
+        return [EvalCallback(evaluation[name], name) for name in sorted(evaluation)]
+    return [EvalCallback(evaluation)]

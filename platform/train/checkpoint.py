@@ -1,0 +1,147 @@
+"""A run's checkpoints: step-numbered files in <run_dir>/checkpoints, the newest that loads, retention.
+
+The file format (atomic write, CRC check, weights-only load) is platform/torchfile.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfflow.components.files import write_text_atomic
+from selfflow.platform.errors import CheckpointError
+from selfflow.platform.torchfile import load, save_atomic, verify  # noqa: F401  (re-exported)
+
+_STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def step_path(folder: str | os.PathLike, step: int) -> Path:
+    return Path(folder) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _STEP_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest(folder: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def load_latest(folder: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that loads; an unreadable newer one is skipped with a warning.
+
+    A refused (not weights-only) file is never skipped: that is an error, not damage.
+    """
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load(path)
+        except CheckpointError as error:
+            if "refusing" in str(error):
+                raise
+            print(f"selfflow: warning: skipping damaged checkpoint: {error.one_line()}", file=sys.stderr, flush=True)
+    return None, None
+
+
+def clean_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp") -> int:
+    """Remove temp files left by a process killed mid-save; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.glob(pattern):
+        entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: Path | str) -> None:
+    """load_state_dict with a one-line error naming the mismatching keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}")
+        if shape:
+            parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shape[:3]]}")
+        raise CheckpointError(f"checkpoint {source} does not fit this {what}: " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+class Retention:
+    """Which checkpoints stay: the newest `keep_last` plus the best by a logged metric.
+
+    The metric value of each checkpoint lives in `metrics.json` beside them (written
+    atomically). Only a checkpoint that was just written and verified triggers
+    deletions, and the newest is always kept, so the only good checkpoint never goes.
+    """
+
+    SIDECAR = "metrics.json"
+
+    def __init__(self, folder: str | os.PathLike, keep_last: int, metric: str = "", mode: str = "min"):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.folder, self.keep_last, self.metric, self.mode = Path(folder), keep_last, metric, mode
+
+    def values(self) -> dict[int, float]:
+        path = self.folder / self.SIDECAR
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if raw.get("metric") != self.metric:
+            return {}
+        return {int(step): float(value) for step, value in raw.get("values", {}).items()}
+
+    def _write_values(self, values: dict[int, float]) -> None:
+        write_text_atomic(self.folder / self.SIDECAR, json.dumps(
+            {"metric": self.metric, "mode": self.mode, "values": {str(k): v for k, v in sorted(values.items())}}))
+
+    def best_step(self, values: dict[int, float]) -> int | None:
+        if not values:
+            return None
+        sign = 1.0 if self.mode == "min" else -1.0
+        return min(values, key=lambda step: (sign * values[step], step))  # ties: the earliest
+
+    def kept_steps(self, steps: list[int], values: dict[int, float]) -> set[int]:
+        keep = set(sorted(steps)[-self.keep_last:])
+        best = self.best_step({step: values[step] for step in steps if step in values})
+        if best is not None:
+            keep.add(best)
+        return keep
+
+    def after_save(self, step: int, value: float | None) -> list[Path]:
+        """Record the new checkpoint's metric value, delete what is no longer kept; returns the deleted."""
+        values = self.values() if self.metric else {}
+        if self.metric and value is not None and math.isfinite(value):
+            values[step] = float(value)
+        found = list_checkpoints(self.folder)
+        keep = self.kept_steps([s for s, _ in found], values)
+        deleted = []
+        for found_step, path in found:
+            if found_step not in keep:
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        if self.metric:
+            self._write_values({s: v for s, v in values.items() if s in keep})
+        return deleted
