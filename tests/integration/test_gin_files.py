@@ -72,15 +72,20 @@ def test_there_are_shipped_gin_files():
 
 
 @pytest.fixture(scope="session")
-def quick_encoders(tmp_path_factory, digits_root) -> Path:
-    """REPA presets point at platform-trained encoders: make tiny ones (few steps)."""
+def quick_encoders(tmp_path_factory, digits_root, spoken_digits_root, moving_digits_root) -> Path:
+    """REPA presets point at platform-trained encoders: make tiny ones (few steps), for every modality."""
     from selfflow.platform.datasource import ShardData
     from selfflow.platform.encoders import EncoderTraining
 
     folder = tmp_path_factory.mktemp("encoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
+    audio = ShardData(root=str(spoken_digits_root), num_classes=10, data_shape=(1, 5120), modality="audio")
+    video = ShardData(root=str(moving_digits_root), num_classes=10, data_shape=(1, 8, 16, 16), modality="video")
     for size in ("small", "medium", "large"):
         EncoderTraining(data, size=size, steps=3, batch_size=16, out=str(folder / f"digit_encoder_{size}.pt")).run()
+        EncoderTraining(audio, size=size, steps=2, batch_size=4,
+                        out=str(folder / f"spoken_digit_encoder_{size}.pt")).run()
+        EncoderTraining(video, size=size, steps=2, batch_size=4, out=str(folder / f"clip_encoder_{size}.pt")).run()
     return folder
 
 
@@ -116,7 +121,8 @@ def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencod
         AutoencoderTraining().run()
         assert (in_tmp / "runs" / "ae.pt").exists()
         return
-    if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith("digits_"):
+    if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith(
+            ("digits_", "spoken_digits_", "moving_digits_")):
         from selfflow.platform.encoders import EncoderTraining
 
         config.parse([str(path)], ["EncoderTraining.steps = 2", "EncoderTraining.out = 'runs/enc.pt'"])
