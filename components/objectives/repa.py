@@ -71,7 +71,10 @@ def resize_token_grid(features: torch.Tensor, source: tuple[int, ...], target: t
     maps = features.transpose(1, 2).reshape(batch, channels, *source).float()
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(source)]
     antialias = len(source) == 2 and any(t < s for s, t in zip(source, target))  # average when shrinking
-    resized = F.interpolate(maps, size=target, mode=mode, align_corners=False, antialias=antialias)
+    if len(source) == 3 and all(t <= s for s, t in zip(source, target)):
+        resized = F.adaptive_avg_pool3d(maps, target)  # shrinking a clip grid: average what each cell covers
+    else:
+        resized = F.interpolate(maps, size=target, mode=mode, align_corners=False, antialias=antialias)
     return resized.reshape(batch, channels, -1).transpose(1, 2).to(features.dtype)
 
 

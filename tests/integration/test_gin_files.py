@@ -52,6 +52,8 @@ def files_for(path: Path) -> list[str]:
     stem = path.stem
     if "multimodal" in stem or "mixtures" in path.relative_to(EXPERIMENTS_DIR).parts:  # mixture pieces
         context = ["mixtures/all_three/fm.gin"]
+    elif stem == "spoken_digits_24k":  # raw 24 kHz waveforms: EnCodec encodes them on the fly
+        context = ["audio/selfflow.gin", "tokenizers/encodec_24khz.gin"]
     elif "encodec" in stem or "24k" in stem:  # EnCodec pieces: built in the 24 kHz EnCodec context
         context = ["audio/encodec_selfflow.gin"]
     elif "audio" in stem or "spoken_digits" in stem:  # waveform-shaped: built in the audio context

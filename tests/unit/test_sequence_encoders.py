@@ -71,5 +71,7 @@ def test_resize_token_grid_in_3d():
     ramp = torch.arange(4.0).repeat_interleave(16).view(1, 64, 1)  # rises along time only
     stretched = resize_token_grid(ramp, (4, 4, 4), (8, 4, 4)).view(8, 16)
     assert torch.all(stretched[1:, 0] >= stretched[:-1, 0]) and torch.all(stretched == stretched[:, :1])
+    pooled = resize_token_grid(ramp, (4, 4, 4), (1, 4, 4))  # tube tokens: the mean over time
+    torch.testing.assert_close(pooled, torch.full((1, 16, 1), 1.5))
     with pytest.raises(ValueError, match="two 1-D, 2-D or 3-D grids"):
         resize_token_grid(constant, (4, 4, 4), (64,))
