@@ -8,12 +8,13 @@ STAMP := $(VENV)/.selfflow-installed
 RUNS ?= runs
 export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath $(RUNS))/mlflow.db
 
-.PHONY: install system-deps demo test test-fast bench bench-quick ui clean help
+.PHONY: install system-deps demo test test-fast bench bench-quick modalities ui clean help
 
 help:
 	@echo "make demo   - install, build digits shards, train Self-Flow-ready DiT on digits, log to MLflow"
 	@echo "make test   - install, run the test suite"
 	@echo "make bench  - install, run the benchmarks and regenerate BENCHMARKS.md"
+	@echo "make modalities - install, train every modality's FM and Self-Flow preset, print the quality table"
 	@echo "make ui     - serve the MLflow UI for $(RUNS)/ on http://127.0.0.1:5000"
 
 install: system-deps $(STAMP)
@@ -49,6 +50,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench --quick --out BENCHMARKS.quick.md
+
+# Issue 23's table: audio, video and digits presets, one run at a time (about two hours on 2 cores).
+modalities: install
+	$(PY) bench/modalities.py --runs $(RUNS)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -107,6 +107,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.dataset == "images":
         return _cmd_data_images(args)
+    if args.dataset == "encode":
+        return _cmd_data_encode(args)
     builders = {"digits": build_digits_shards, "moving_digits": build_moving_digits_shards,
                 "spoken_digits": build_spoken_digits_shards}
     if args.dataset not in builders:
@@ -146,6 +148,35 @@ def _cmd_data_images(args: argparse.Namespace) -> int:
         print()  # end the progress line
     summary = summarize_shards(index)
     print(f"{summary.split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
+    return 0
+
+
+def _cmd_data_encode(args: argparse.Namespace) -> int:
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.loaders import autoencoder
+    from selfflow.platform.data.latent_shards import encode_shard_set
+    from selfflow.platform.data.shards import summarize_shards
+
+    if not args.source or not args.tokenizer_gin or not args.out:
+        raise UserError("data encode needs --source DIR --tokenizer-gin FILE --out DIR "
+                        "(e.g. --tokenizer-gin tokenizers/encodec_24khz.gin)")
+    config.parse([args.tokenizer_gin], args.gin_param)
+    try:
+        tokenizer = autoencoder()
+    except (TypeError, ValueError, RuntimeError, OSError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
+
+    def progress(split: str, done: int, total: int) -> None:
+        print(f"\r{split}: {done}/{total} encoded", end="" if done < total else "\n", flush=True)
+
+    try:
+        written = encode_shard_set(args.source, tokenizer, args.out, batch_size=args.batch_size,
+                                   progress=None if args.quiet else progress)
+    except (DataError, TypeError, ValueError, OSError, RuntimeError) as error:
+        raise UserError(f"data encode: {str(error).strip().splitlines()[0]}") from None
+    for split, index in written.items():
+        summary = summarize_shards(index)
+        print(f"{split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {index}")
     return 0
 
 
@@ -325,14 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="build webdataset shards")
-    p.add_argument("dataset", choices=["digits", "moving_digits", "spoken_digits", "images"],
+    p.add_argument("dataset", choices=["digits", "moving_digits", "spoken_digits", "images", "encode"],
                    help="digits, moving_digits (video clips of the same glyphs), spoken_digits (the digit words "
-                        "spoken by espeak-ng, audio), or images: pre-encode an image "
-                        "folder (ROOT/<class>/<image>) into latent shards")
+                        "spoken by espeak-ng, audio), images: pre-encode an image "
+                        "folder (ROOT/<class>/<image>) into latent shards, or encode: pre-encode every split of "
+                        "the shard set --source (e.g. 24 kHz spoken digits with EnCodec) into float32 latent shards")
+    p.add_argument("--source", default=None, help="encode: the shard set folder to encode")
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--folder", default=None, help="images: the class-folder tree to encode")
     p.add_argument("--tokenizer-gin", "--tokenizer_gin", dest="tokenizer_gin", default=None,
-                   help="images: gin file binding autoencoder.tokenizer (e.g. tokenizers/sd_vae_ema.gin)")
+                   help="images, encode: gin file binding autoencoder.tokenizer (e.g. tokenizers/sd_vae_ema.gin)")
     p.add_argument("--split", default="train", help="images: shard set name (train, val, test, ...)")
     p.add_argument("--image-size", type=int, default=None, help="images: crop size (default: the tokenizer's)")
     p.add_argument("--shard-size", type=int, default=1000, help="images: samples per shard")
