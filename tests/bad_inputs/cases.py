@@ -205,6 +205,8 @@ def _other_architecture_resume(workspace: Path) -> list[str]:
     config.parse([str(workspace / "tiny.gin")], ["DiT.hidden_dim = 48"])
     trainer = Trainer(build_from_gin(), iter(()), run, progress=False)
     ckpt.save_atomic(trainer.state_dict(), ckpt.step_path(run / "checkpoints", 0))
+    # The run's record says what it trains with (the checkpoint came from elsewhere).
+    (run / "config.gin").write_text(config.parse([str(workspace / "tiny.gin")]))
     return train("tiny.gin", run_dir=str(run)) + ["--resume"]
 
 
