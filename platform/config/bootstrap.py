@@ -185,9 +185,8 @@ def _include_cycle(files: Sequence[str]) -> list[str] | None:
         except (OSError, UnicodeDecodeError):
             return None
         for include in re.findall(r"^include\s+['\"]([^'\"]+)['\"]", text, flags=re.M):
-            try:
-                target = str(resolve_config_file(include))
-            except ConfigError:
+            target = _resolve_include(include)
+            if target is None:
                 continue
             found = visit(target, chain + [file])
             if found:
@@ -199,6 +198,16 @@ def _include_cycle(files: Sequence[str]) -> list[str] | None:
         if found:
             return found
     return None
+
+
+def _resolve_include(name: str) -> str | None:
+    """Where gin finds an include: the working directory, then its search paths (the experiments
+    folder and its parent)."""
+    try:
+        return str(resolve_config_file(name))
+    except ConfigError:
+        candidate = EXPERIMENTS_DIR.parent / name
+        return str(candidate.resolve()) if candidate.is_file() else None
 
 
 def _malformed_part(files: Sequence[str], params: Sequence[str]) -> str:
@@ -347,7 +356,7 @@ def _locate_text(files: Sequence[str], params: Sequence[str], pattern: re.Patter
             return f"--gin_param {index}: "
     for file in reversed(list(_expand_includes(files))):
         for number, line in enumerate(Path(file).read_text().splitlines(), start=1):
-            if pattern.search(line):
+            if pattern.search(line.split("#", 1)[0]):  # comments do not count
                 return f"{file}:{number}: "
     return ""
 
