@@ -7,9 +7,10 @@ Local clusters are started with deliberate settings:
     `ray[default]`);
   * every Ray service of the local cluster listens on the loopback interface only (node address
     127.0.0.1): nothing on the network can reach it, token or not;
-  * session files under SELFFLOW_RAY_TMPDIR (default /tmp/ray_selfflow-<uid>), never in $HOME, in a
-    folder owned by this user with mode 0700 (created so, tightened if it is ours, refused if it is
-    not): other users cannot read its logs and sockets or plant files there;
+  * session files under SELFFLOW_RAY_TMPDIR (default /tmp/ray_selfflow-<uid>)/ray, never in $HOME:
+    the outer folder is owned by this user with mode 0700 (created so, tightened if it is ours,
+    refused if it is not), so other users can neither read Ray's logs and sockets nor plant files,
+    although Ray makes its own folder inside it world-writable;
   * logical CPUs = os.cpu_count(), so the scheduler never promises cores that do not exist.
 An existing cluster is used as it is: its token (if it has auth on) comes from the caller's
 RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH.
@@ -140,7 +141,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
                     include_dashboard=dashboard,
                     dashboard_host=LOOPBACK,
                     _node_ip_address=LOOPBACK,
-                    _temp_dir=private_tmp_dir(os.environ.get("SELFFLOW_RAY_TMPDIR") or default_tmp_dir()),
+                    # Ray makes its temp folder world-writable (0777): it lives inside the private one.
+                    _temp_dir=os.path.join(private_tmp_dir(os.environ.get("SELFFLOW_RAY_TMPDIR") or default_tmp_dir()),
+                                           "ray"),
                     runtime_env=runtime_env,
                     logging_level=logging.WARNING,
                 )
