@@ -74,7 +74,8 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ConfigError(f"TrainConfig.grad_clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+            raise ConfigError(f"TrainConfig.grad_clip must be a finite number >= 0 (0: no clipping), "
+                              f"got {self.grad_clip}")
         check_betas(self.betas)
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"TrainConfig.lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")

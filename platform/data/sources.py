@@ -69,8 +69,8 @@ class ShardData:
                 f"shards in {self.root} hold arrays of shape {tuple(index.shape)}, the config expects {self.data_shape}"
             )
         if self.num_classes and index.num_classes > self.num_classes:
-            raise UserError(f"ShardData.num_classes is {self.num_classes}, but the shards in {self.root} hold labels of "
-                            f"{index.num_classes} classes ({index.path}): set ShardData.num_classes = "
+            raise UserError(f"ShardData.num_classes is {self.num_classes}, but the shards in {self.root} hold "
+                            f"labels of {index.num_classes} classes ({index.path}): set ShardData.num_classes = "
                             f"{index.num_classes}")
         recorded = index.metadata.get("sample_rate")
         if self.sample_rate and recorded is not None and int(recorded) != self.sample_rate:

@@ -155,7 +155,8 @@ def check_sqlite_store(uri: str) -> None:
     try:
         database = make_url(uri).database or ""
     except Exception as error:
-        raise UserError(f"MLflow tracking store unusable at {uri}: not a valid SQLite URI ({_first_line(error)})") from None
+        raise UserError(f"MLflow tracking store unusable at {uri}: not a valid SQLite URI "
+                        f"({_first_line(error)})") from None
     if database != raw:  # SQLAlchemy decodes %XX in the path; MLflow and we use it as written
         raise UserError(f"MLflow tracking store unusable at {uri}: its path contains '%', which SQLite URIs read as an "
                         f"escape: use a runs folder (--runs) or MLFLOW_TRACKING_URI without '%'")
@@ -473,7 +474,8 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.delivery.submit("status", self.run_id, status=status)
         if not self.delivery.drain(float(os.environ.get(DRAIN_ENV, "30"))):
-            where = (f"they are kept in {self.journal.path}: run `selfflow sync --run-dir {self.journal.path.parent}`"
+            where = (f"they are kept in {self.journal.path}: run `selfflow sync --run-dir {self.journal.path.parent} "
+                     f"--tracking-uri {self.tracking_uri}`"
                      if self.journal is not None else "they are lost (no run folder to journal them in)")
             _warn(f"{self.pending} tracking records for run {self.run_id} not delivered to {self.tracking_uri}; {where}")
         self._close_journal()

@@ -256,7 +256,8 @@ def _resume(name: str, *params: str, change=None, tracking: bool = False) -> Cal
 
 def _resume_other_store(workspace: Path) -> list[str]:
     run = _trained_folder(workspace, "run_other_store")
-    (run / "tracking-journal.jsonl").write_text(json.dumps({"opened": "sqlite:////elsewhere/mlflow.db", "pid": 1}) + "\n")
+    opened = {"opened": "sqlite:////elsewhere/mlflow.db", "pid": 1}
+    (run / "tracking-journal.jsonl").write_text(json.dumps(opened) + "\n")
     return train("tiny.gin", run_dir=str(run), tracking=True) + ["--resume", "--runs", "runs_other_store"]
 
 
@@ -368,7 +369,8 @@ def _compare_store(workspace: Path) -> str:
 
 def _sweep_file(workspace: Path, name: str, space: str) -> list[str]:
     path = workspace / f"{name}.gin"
-    path.write_text(f"Sweep.name = '{name}'\nSweep.base_files = ['tiny.gin']\nSweep.space = {space}\nSweep.seeds = [0]\n")
+    path.write_text(f"Sweep.name = '{name}'\nSweep.base_files = ['tiny.gin']\nSweep.space = {space}\n"
+                    f"Sweep.seeds = [0]\n")
     return ["sweep", str(path), "--no-tracking", "--runs", "runs_sweep"]
 
 
@@ -483,7 +485,8 @@ CASES: list[Case] = [
          r"--metric 'nope': none of the 1 compared runs logged it \(logged: loss/total\)"),
     Case("sweep_value_of_wrong_type", lambda w: _sweep_file(w, "sweep_type", "{'TrainConfig.lr': ('grid', ['fast'])}"),
          r"sweep sweep_type, trial bindings .*wrong type for TrainConfig\.lr: got 'fast' \(str\), expected float"),
-    Case("sweep_value_out_of_range", lambda w: _sweep_file(w, "sweep_range", "{'TrainConfig.weight_decay': ('grid', [-1.0])}"),
+    Case("sweep_value_out_of_range",
+         lambda w: _sweep_file(w, "sweep_range", "{'TrainConfig.weight_decay': ('grid', [-1.0])}"),
          r"TrainConfig\.weight_decay must be a finite number >= 0, got -1\.0"),
     Case("tracking_store_is_a_folder",
          lambda w: (w / "runs_folder_db" / "mlflow.db").mkdir(parents=True) or train("tiny.gin", tracking=True)

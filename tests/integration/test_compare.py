@@ -113,6 +113,8 @@ def test_unknown_metric_and_bad_filter_are_one_line_errors(sweep_runs, tmp_path)
     uri, _, parent = sweep_runs
     with pytest.raises(UserError, match=r"--metric 'nope': none of the 6 compared runs logged it \(logged: eval/fd, "
                                         r"loss/flow\)"):
-        compare_runs(tracking_uri=uri, parent_run_id=parent, metrics=["loss/flow", "nope"], out_dir=tmp_path, show=False)
+        compare_runs(tracking_uri=uri, parent_run_id=parent, metrics=["loss/flow", "nope"], out_dir=tmp_path,
+                     show=False)
     with pytest.raises(UserError, match=r"--filter 'tags\.objective = ' is not a valid MLflow filter"):
-        compare_runs(tracking_uri=uri, experiment="cmp", filter_string="tags.objective = ", out_dir=tmp_path, show=False)
+        compare_runs(tracking_uri=uri, experiment="cmp", filter_string="tags.objective = ", out_dir=tmp_path,
+                     show=False)

@@ -138,7 +138,8 @@ def test_a_refused_resume_touches_nothing_and_more_steps_are_recorded(in_tmp):
         assert {name: (run / name).read_bytes() for name in record} == record
         assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"  # not flipped to FAILED
     assert not (run / "resumes.jsonl").exists()
-    with pytest.raises(UserError, match=r"this run logs to sqlite:///\S+/runs/mlflow\.db .* not to sqlite:///\S+/other"):
+    with pytest.raises(UserError, match=r"this run logs to sqlite:///\S+/runs/mlflow\.db .* "
+                                        r"not to sqlite:///\S+/other"):
         train([gin], ["TrainConfig.steps = 6"], run_dir=run, runs_dir=in_tmp / "other", resume=True, progress=False)
 
     longer = train([gin], ["TrainConfig.steps = 6"], run_dir=run, runs_dir=in_tmp / "runs", resume=True,
@@ -209,7 +210,8 @@ def test_sigterm_then_sigint_checkpoint_mark_killed_and_resume_exactly(in_tmp, c
     assert first == (f"selfflow: interrupted by SIGTERM at step 4: checkpoint written: {folder / 'step-00000004.pt'}; "
                      f"MLflow run {run_id} marked KILLED; continue with --resume")
     # checkpoint_every = 5: step 5's periodic checkpoint exists; step 7 is written for the signal.
-    assert second.startswith(f"selfflow: interrupted by SIGINT at step 7: checkpoint written: {folder}/step-00000007.pt")
+    assert second.startswith(f"selfflow: interrupted by SIGINT at step 7: checkpoint written: "
+                             f"{folder}/step-00000007.pt")
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
     _assert_same_state(ckpt.load(reference.checkpoint), ckpt.load(ckpt.step_path(folder, steps)))
 

@@ -53,7 +53,8 @@ def test_journal_damaged_in_the_middle_is_quarantined_for_good(tmp_path, capfd):
     journal.close()
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "2 damaged line(s) (2, 3) moved to" in err and ".quarantine" in err
-    assert journal_path(tmp_path).read_text() == '{"seq": 1, "op": "tags", "run_id": "r", "tags": {}}\n{"delivered": 1}\n'
+    kept = '{"seq": 1, "op": "tags", "run_id": "r", "tags": {}}\n{"delivered": 1}\n'
+    assert journal_path(tmp_path).read_text() == kept
     TrackingJournal(journal_path(tmp_path)).close()  # the next open finds nothing to repair
     assert capfd.readouterr().err == ""
 
