@@ -45,7 +45,7 @@ def _cmd_train_distributed(args: argparse.Namespace) -> int:
     from selfflow.platform.scale import ray_cluster
     from selfflow.platform.scale.ray_train import Scaling, train_distributed
 
-    scaling = Scaling(workers=args.workers or 1, cpus_per_worker=args.cpus_per_worker,
+    scaling = Scaling(workers=1 if args.workers is None else args.workers, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
     try:
         result = train_distributed(
@@ -269,7 +269,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sync(args: argparse.Namespace) -> int:
     from selfflow.platform.tracking.mlflow_tracker import sync_run_dir
 
-    result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout)
+    result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout, runs_dir=args.runs)
     stats = result.stats
     print(f"synced {result.journal} -> {result.tracking_uri}: {stats.records} of {result.pending_before} records "
           f"delivered ({stats.metric_values} metric values sent, {stats.duplicates} already present)")
@@ -410,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="deliver a run's queued tracking records (tracking-journal.jsonl) to MLflow")
     p.add_argument("--run-dir", required=True, help="a run folder written by `selfflow train`")
-    p.add_argument("--tracking-uri", default=None, help="default: the URI the run logged to (from its journal)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="the store to deliver to; default: the configured one (MLFLOW_TRACKING_URI, else "
+                        "<runs>/mlflow.db), which must be the store the run's journal names")
+    p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store (the default store)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to keep retrying an unanswering store")
     p.set_defaults(func=_cmd_sync)
 
@@ -474,9 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "debug", False):
         os.environ[DEBUG_ENV] = "1"  # Ray workers and Tune trials inherit it
+    from selfflow.platform.train.interrupts import RunInterrupted, handle_signals
+
     try:
-        apply_host_preset(args)
-        return args.func(args)
+        with handle_signals():  # SIGINT and SIGTERM: stop at the end of the step, mark the run KILLED
+            apply_host_preset(args)
+            return args.func(args)
+    except RunInterrupted as interrupt:
+        print(f"selfflow: {interrupt.one_line()}", file=sys.stderr, flush=True)
+        return interrupt.exit_code
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)
         return 130

@@ -46,6 +46,7 @@ from selfflow.components.files import write_text_atomic
 from selfflow.platform import host
 from selfflow.platform.config import bootstrap as gin_config
 from selfflow.platform.config.configurable import configurable
+from selfflow.platform.config.experiment import train_config_from_gin
 from selfflow.platform.errors import ConfigError, UserError
 from selfflow.platform.scale.ray_train import (
     Scaling,
@@ -376,8 +377,11 @@ def validate(spec: SweepSpec, base_config: str) -> int:
         overrides = trial_bindings(spec, point)
         try:
             gin_config.parse_config_string(base_config, overrides)
+            gin_config.check_types([], overrides)  # a value of the wrong type, before any trial starts
+            train_config_from_gin()  # and TrainConfig's own checks (ranges, betas, ...)
         except ConfigError as error:
-            raise ConfigError(f"sweep {spec.name}, trial bindings {overrides}: {error.one_line()}") from None
+            reason = re.sub(r"^--gin_param \d+: ", "", error.one_line())  # the bindings are listed already
+            raise ConfigError(f"sweep {spec.name}, trial bindings {overrides}: {reason}") from None
         if steps is None:
             try:
                 steps = int(gin.query_parameter("TrainConfig.steps"))
@@ -523,8 +527,12 @@ def run_sweep(
     if compare and parent_id:
         from selfflow.platform.tracking.compare import compare_runs
 
-        result.comparison = compare_runs(tracking_uri=uri, parent_run_id=parent_id, metrics=spec.compare_metrics or None,
-                                         out_dir=sweep_dir / "compare", log_to_run=parent_id)
+        try:
+            result.comparison = compare_runs(tracking_uri=uri, parent_run_id=parent_id,
+                                             metrics=spec.compare_metrics or None, out_dir=sweep_dir / "compare",
+                                             log_to_run=parent_id)
+        except UserError as error:  # e.g. a Sweep.compare_metrics no trial logged: the trials still count
+            print(f"selfflow: warning: sweep comparison skipped: {error.one_line()}", file=sys.stderr, flush=True)
     if parent is not None:
         parent.log_metrics({"sweep/wall_s": time.perf_counter() - started}, step=1)
         parent.finish("FINISHED")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from selfflow.components.files import atomic_path, write_text_atomic
-from selfflow.platform.errors import UserError
+from selfflow.platform.errors import UserError, first_line
 
 DEFAULT_METRICS = (
     "loss/total", "loss/flow", "loss/rep", "eval/fd", "eval/sample_class_acc", "probe/linear/best",
@@ -102,7 +102,7 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
         try:
             parent = client.get_run(parent_run_id)
         except Exception as error:
-            raise UserError(f"no MLflow run {parent_run_id}: {str(error).splitlines()[0][:160]}") from None
+            raise UserError(f"no MLflow run {parent_run_id}: {first_line(error, 160)}") from None
         experiment_ids = [parent.info.experiment_id]
         clauses.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
     elif experiment:
@@ -116,8 +116,14 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
         clauses.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string=" and ".join(clauses), max_results=1000,
-                                  page_token=token)
+        try:
+            page = client.search_runs(experiment_ids, filter_string=" and ".join(clauses), max_results=1000,
+                                      page_token=token)
+        except Exception as error:  # MLflow refuses a filter it cannot parse (INVALID_PARAMETER_VALUE)
+            if getattr(error, "error_code", None) != "INVALID_PARAMETER_VALUE" or not filter_string:
+                raise
+            raise UserError(f"--filter {filter_string!r} is not a valid MLflow filter: {first_line(error, 200)} "
+                            f"(e.g. \"tags.objective = 'SelfFlowObjective'\")") from None
         runs += [r for r in page if r.data.tags.get("sweep.role") not in EXCLUDED_ROLES]
         token = page.token
         if not token:
@@ -128,9 +134,13 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
 
 
 def group_runs(runs: list, metrics: Sequence[str]) -> list[GroupStats]:
+    """Runs grouped by `run_group`; a run that did not finish (RUNNING, which a killed process
+    leaves, KILLED, FAILED) forms a group of its own status, never averaged with finished runs."""
     groups: dict[str, GroupStats] = {}
     for run in runs:
         key = run_group(run)
+        if run.info.status != "FINISHED":
+            key = f"{key} [{run.info.status}]"
         stats = groups.setdefault(key, GroupStats(key, [], []))
         stats.run_ids.append(run.info.run_id)
         stats.seeds.append(run.data.tags.get("seed") or run.data.params.get("TrainConfig.seed", "?"))
@@ -230,13 +240,19 @@ def compare_runs(
     `log_to_run` (e.g. the sweep's parent run) or, with `log_new_run`, to a new run."""
     from mlflow.tracking import MlflowClient
 
-    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.mlflow_tracker import check_sqlite_store, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(runs_dir)
+    check_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     runs = find_runs(client, experiment=experiment, parent_run_id=parent_run_id, filter_string=filter_string)
     present = set().union(*(r.data.metrics for r in runs))
-    chosen = ([m for m in metrics if m in present] if metrics else default_metrics(present)) or sorted(present)[:6]
+    unknown = [m for m in metrics or () if m not in present]
+    if unknown:
+        logged = ", ".join(sorted(present)[:8]) + (" ..." if len(present) > 8 else "")
+        raise UserError(f"--metric {unknown[0]!r}: none of the {len(runs)} compared runs logged it "
+                        f"(logged: {logged or 'nothing'})")
+    chosen = (list(metrics) if metrics else default_metrics(present)) or sorted(present)[:6]
     groups = group_runs(runs, chosen)
     table = format_table(groups, chosen)
     title = f"comparison of {len(runs)} runs in {len(groups)} groups (mean ± 95% t-interval over seeds)"

@@ -46,14 +46,25 @@ DRAIN_ENV = "SELFFLOW_TRACKING_DRAIN_SECONDS"  # how long `finish` keeps retryin
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
 
-def default_tracking_uri(runs_dir: str | os.PathLike = "runs") -> str:
-    """MLFLOW_TRACKING_URI if set, else SQLite in the runs folder of the working directory."""
+def sqlite_uri(database: str | os.PathLike) -> str:
+    """The SQLAlchemy URI of an SQLite file at an absolute path."""
+    return f"sqlite:///{Path(database)}"
+
+
+def tracking_uri_for(runs_dir: str | os.PathLike = "runs") -> str:
+    """MLFLOW_TRACKING_URI if set, else SQLite in the runs folder (nothing created)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(runs_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return sqlite_uri(Path(runs_dir).resolve() / "mlflow.db")
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike = "runs") -> str:
+    """MLFLOW_TRACKING_URI if set, else SQLite in the runs folder of the working directory (created)."""
+    uri = tracking_uri_for(runs_dir)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        Path(runs_dir).resolve().mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def git_commit() -> str:
@@ -106,8 +117,12 @@ def _is_locked(error: BaseException) -> bool:
     return "database is locked" in str(error) or "database table is locked" in str(error)
 
 
+class ArtifactRefused(Exception):
+    """A journal record names an artifact the run folder does not hold: never uploaded."""
+
+
 def _is_permanent(error: BaseException) -> bool:
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, (FileNotFoundError, ArtifactRefused)):
         return True
     return getattr(error, "error_code", None) in _PERMANENT_CODES
 
@@ -126,6 +141,44 @@ def _retry_locked(call, what: str, uri: str, patience_s: float = 60.0):
             delay = min(delay * 2, 5.0)
 
 
+def check_sqlite_store(uri: str) -> None:
+    """An SQLite store that cannot be opened fails here, in milliseconds, with one line: MLflow
+    itself retries creating its engine for about 100 s, a warning each time. Other URIs pass."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    raw = uri.removeprefix("sqlite:///")
+    try:
+        database = make_url(uri).database or ""
+    except Exception as error:
+        raise UserError(f"MLflow tracking store unusable at {uri}: not a valid SQLite URI "
+                        f"({_first_line(error)})") from None
+    if database != raw:  # SQLAlchemy decodes %XX in the path; MLflow and we use it as written
+        raise UserError(f"MLflow tracking store unusable at {uri}: its path contains '%', which SQLite URIs read as an "
+                        f"escape: use a runs folder (--runs) or MLFLOW_TRACKING_URI without '%'")
+    if raw in ("", ":memory:"):
+        return
+    path = Path(raw)
+    if path.is_dir():
+        raise UserError(f"MLflow tracking store unusable at {uri}: {path} is a folder, not a database file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(f"file:{quote(str(path))}?mode=rwc", uri=True, timeout=5)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()  # opens (or creates) the file for real
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error) as error:
+        if isinstance(error, sqlite3.OperationalError) and _is_locked(error):
+            return  # busy with another writer: MLflow's own waiting handles that
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        raise UserError(f"MLflow tracking store unusable at {uri}: {reason} ({path})") from None
+
+
 @contextlib.contextmanager
 def _store_init_lock(uri: str) -> Iterator[None]:
     """Serialize opening an SQLite store across processes on this machine: MLflow creates
@@ -134,6 +187,7 @@ def _store_init_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
+    check_sqlite_store(uri)
     database = Path(uri.removeprefix("sqlite:///"))
     try:
         database.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +213,12 @@ class DeliveryStats:
 class _Delivery:
     """The ordered queue of records and how they reach the store."""
 
-    def __init__(self, client, uri: str, journal: TrackingJournal | None, dedupe: bool):
+    def __init__(self, client, uri: str, journal: TrackingJournal | None, dedupe: bool,
+                 root: str | os.PathLike | None = None):
         self.client, self.uri, self.journal, self.dedupe = client, uri, journal, dedupe
+        # Artifacts a journal names must be files inside this folder (the run folder): a journal
+        # is data on disk, and whoever can write it must not choose what gets uploaded.
+        self.root = Path(root).resolve() if root is not None else None
         self.queue: deque[Record] = deque()
         self.present: dict[str, set[tuple[str, int]]] = {}  # run id -> (key, step) in the store
         self.stats = DeliveryStats()
@@ -195,8 +253,11 @@ class _Delivery:
                         if not _is_permanent(error):
                             raise
                         self.stats.dropped += 1
-                        _warn(f"tracking store refused the {record.op} record for run {record.run_id}: "
-                              f"{_first_line(error)}; skipping it")
+                        if isinstance(error, ArtifactRefused):
+                            _warn(f"{error}; not uploaded")
+                        else:
+                            _warn(f"tracking store refused the {record.op} record for run {record.run_id}: "
+                                  f"{_first_line(error)}; skipping it")
                     self.queue.popleft()
                     self.stats.records += 1
                     last, unmarked = record.seq, unmarked + 1
@@ -253,13 +314,34 @@ class _Delivery:
             tags = [RunTag(key, str(value)) for key, value in payload["tags"].items()]
             self.client.log_batch(record.run_id, tags=tags)
         elif record.op == "artifact":
-            if not Path(payload["path"]).exists():
-                raise FileNotFoundError(f"artifact file {payload['path']} no longer exists")
-            self.client.log_artifact(record.run_id, payload["path"], payload.get("artifact_path"))
+            path, artifact_path = self._artifact(record)
+            self.client.log_artifact(record.run_id, str(path), artifact_path)
         elif record.op == "status":
             self.client.set_terminated(record.run_id, status=payload["status"])
         else:
             raise FileNotFoundError(f"unknown journal record op {record.op!r}")  # permanent: skip it
+
+    def _artifact(self, record: Record) -> tuple[Path, str | None]:
+        """The file and destination an artifact record names, checked: a regular file inside the run
+        folder (symlinks resolved), and a relative destination inside the run's artifacts."""
+        raw, artifact_path = record.payload.get("path"), record.payload.get("artifact_path")
+        if not isinstance(raw, str) or not raw:
+            raise ArtifactRefused(f"journal record {record.seq} names no artifact file")
+        if artifact_path is not None and (not isinstance(artifact_path, str) or artifact_path.startswith("/")
+                                          or ".." in Path(artifact_path).parts or "\\" in artifact_path):
+            raise ArtifactRefused(f"journal record {record.seq}: artifact destination {artifact_path!r} leaves the "
+                                  f"run's artifacts")
+        path = Path(raw)
+        if self.root is not None:
+            resolved = (self.root / path).resolve()  # an absolute path stays itself
+            if resolved != self.root and self.root not in resolved.parents:
+                raise ArtifactRefused(f"journal record {record.seq} names {raw}, outside the run folder {self.root}")
+            path = resolved
+        if not path.exists():
+            raise FileNotFoundError(f"artifact file {raw} no longer exists")
+        if not path.is_file():
+            raise ArtifactRefused(f"journal record {record.seq} names {raw}, which is not a regular file")
+        return path, artifact_path
 
     def drain(self, seconds: float) -> bool:
         """Keep trying (ignoring backoff) until the queue is empty or `seconds` pass."""
@@ -301,7 +383,8 @@ class MLflowTracker:
                 raise UserError(f"MLflow tracking store unusable at {self.tracking_uri}: {_first_line(error)}") from None
             self.experiment_id = self._experiment_id(experiment, runs_dir)
         self.journal = TrackingJournal(journal_path(journal_dir)) if journal_dir is not None else None
-        self.delivery = _Delivery(self.client, self.tracking_uri, self.journal, dedupe=journal_dir is not None)
+        self.delivery = _Delivery(self.client, self.tracking_uri, self.journal, dedupe=journal_dir is not None,
+                                  root=journal_dir)
         try:
             self._open_run(run_id, run_name, tags, parent_run_id)
         except BaseException:
@@ -391,7 +474,8 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.delivery.submit("status", self.run_id, status=status)
         if not self.delivery.drain(float(os.environ.get(DRAIN_ENV, "30"))):
-            where = (f"they are kept in {self.journal.path}: run `selfflow sync --run-dir {self.journal.path.parent}`"
+            where = (f"they are kept in {self.journal.path}: run `selfflow sync --run-dir {self.journal.path.parent} "
+                     f"--tracking-uri {self.tracking_uri}`"
                      if self.journal is not None else "they are lost (no run folder to journal them in)")
             _warn(f"{self.pending} tracking records for run {self.run_id} not delivered to {self.tracking_uri}; {where}")
         self._close_journal()
@@ -410,23 +494,39 @@ class SyncResult:
     stats: DeliveryStats
 
 
-def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None, seconds: float = 10.0) -> SyncResult:
-    """Deliver a run folder's undelivered journal records into their MLflow runs (never twice per step)."""
+def sync_store(journal: TrackingJournal, tracking_uri: str | None, runs_dir: str | os.PathLike) -> str:
+    """Where sync delivers: the store the user names (--tracking-uri), else the configured one
+    (MLFLOW_TRACKING_URI, or the runs folder's SQLite file), which must be the store the journal
+    names. A journal never picks the store by itself: it is a file anyone with access to the run
+    folder could have written."""
+    if tracking_uri:
+        return tracking_uri
+    configured = tracking_uri_for(runs_dir)
+    recorded = journal.tracking_uri
+    if recorded and recorded != configured:
+        raise UserError(f"{journal.path} was written for the store {recorded}, but the configured store is "
+                        f"{configured}: pass --tracking-uri {recorded} to deliver there (or --tracking-uri of "
+                        f"the store you mean)")
+    return configured
+
+
+def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None, seconds: float = 10.0,
+                 runs_dir: str | os.PathLike = "runs") -> SyncResult:
+    """Deliver a run folder's undelivered journal records into their MLflow runs (never twice per
+    step), into the store `sync_store` picks; artifacts only from inside the run folder."""
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
     journal = TrackingJournal(journal_path(run_dir), create=False)
     try:
-        uri = tracking_uri or journal.tracking_uri
-        if not uri:
-            raise UserError(f"{journal.path} does not record a tracking URI: pass --tracking-uri")
+        uri = sync_store(journal, tracking_uri, runs_dir)
         try:
             with _store_init_lock(uri), _http_limits(retries=0, timeout=_PROBE_TIMEOUT_S, force=True):
                 client = MlflowClient(tracking_uri=uri)
                 client.search_experiments(max_results=1)
         except Exception as error:
             raise UserError(f"MLflow tracking store unreachable at {uri}: {_first_line(error)}") from None
-        delivery = _Delivery(client, uri, journal, dedupe=True)
+        delivery = _Delivery(client, uri, journal, dedupe=True, root=run_dir)
         delivery.queue.extend(journal.pending_at_open())
         before = len(delivery.queue)
         delivery.drain(seconds)

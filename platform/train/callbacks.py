@@ -21,19 +21,48 @@ log = logging.getLogger("selfflow.evaluation")
 
 
 class CheckpointEvery:
-    """Save full state every `every` steps and at the last step (rank 0 only)."""
+    """Save full state every `every` steps and at the last step (rank 0 writes), then apply retention.
 
-    def __init__(self, every: int):
+    With `defer_retention` (what the driver uses) it writes only, listed before every optional
+    callback of the step (sample grids, evaluation), so the trained state is on disk whatever they
+    do; retention, which may rank checkpoints by a metric those callbacks log at this step, runs
+    after them: `self.retention`, listed last."""
+
+    def __init__(self, every: int, defer_retention: bool = False):
         self.every = every
+        self.retention = CheckpointRetention(self) if defer_retention else None
+        self.written_at: int | None = None  # the step whose checkpoint awaits retention
+
+    def due(self, trainer) -> bool:
+        return trainer.step == trainer.config.steps or bool(self.every and trainer.step % self.every == 0)
 
     def on_step_end(self, trainer, logs) -> None:
-        last = trainer.step == trainer.config.steps
-        if last or (self.every and trainer.step % self.every == 0):
-            path = trainer.save_checkpoint()
-            if last and path is not None:
-                pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
-                trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
-                trainer.tracker.log_artifact(pointer)
+        if not self.due(trainer):
+            return
+        path = trainer.write_checkpoint()
+        if self.retention is not None:
+            self.written_at = trainer.step
+        elif path is not None:
+            trainer.apply_retention()
+        if trainer.step == trainer.config.steps and path is not None:
+            pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
+            trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
+            trainer.tracker.log_artifact(pointer)
+
+
+class CheckpointRetention:
+    """The second half of CheckpointEvery, after the step's other callbacks: records the step's
+    value of keep_best_metric and deletes the checkpoints retention no longer keeps (rank 0)."""
+
+    def __init__(self, saver: CheckpointEvery):
+        self.saver = saver
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.saver.written_at != trainer.step:
+            return
+        self.saver.written_at = None
+        if trainer.rank == 0:
+            trainer.apply_retention()
 
 
 class LogOperativeConfig:

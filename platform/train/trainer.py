@@ -352,7 +352,20 @@ class Trainer:
         self.mlflow_run_id = state.get("mlflow_run_id") or None
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the full state; a collective under data parallelism (every rank calls it)."""
+        """Rank 0 writes the full state, then applies retention; a collective under data parallelism
+        (every rank calls it)."""
+        path = self.write_checkpoint()
+        if path is not None:
+            self.apply_retention()
+        return path
+
+    def apply_retention(self) -> None:
+        """Record this step's value of keep_best_metric and delete what retention no longer keeps."""
+        self.retention.after_save(self.step, self._best_metric_value())
+
+    def write_checkpoint(self) -> Path | None:
+        """Rank 0 writes and verifies the full state (no deletions); a collective under data
+        parallelism (every rank calls it)."""
         if self.world_size > 1:
             self._gathered_generators = parallel.all_gather_objects(self.generator.get_state(), self.world_size)
         if self.rank != 0:
@@ -362,7 +375,6 @@ class Trainer:
         if problem is not None:  # a disk hiccup: keep every older checkpoint, stop loudly
             path.replace(path.with_name(path.name + ".corrupt"))
             raise TrainingError(f"checkpoint {path} failed verification after writing ({problem}); older ones kept")
-        self.retention.after_save(self.step, self._best_metric_value())
         return path
 
     def _best_metric_value(self) -> float | None:
