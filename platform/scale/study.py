@@ -35,6 +35,9 @@ trains nothing and rewrites the report from the store.
 `--quick`: the same plan with `Study.quick_bindings` and `quick_seeds`, under its own MLflow
 experiment (`<experiment>-quick`), runs folder and budget tag, so quick trials never count as full
 ones; its report goes to `<runs>/studies/<name>-quick/RESULTS.md` unless --out says otherwise.
+Trained prerequisites (encoders) are made at `Study.quick_prerequisite_bindings` into the quick
+study's folder, and every quick trial binding that names the real file is pointed at the quick
+copy: a quick study never writes, nor waits for, the full study's encoders.
 """
 from __future__ import annotations
 
@@ -89,6 +92,7 @@ class StudySpec:
     claims: list[dict] = field(default_factory=list)
     quick_bindings: list[str] = field(default_factory=list)
     quick_seeds: list[int] | None = None
+    quick_prerequisite_bindings: list[str] = field(default_factory=list)
     notes: str = ""
     max_concurrent: int = 0
 
@@ -107,6 +111,7 @@ def study_spec(
     claims: Sequence[dict] = (),
     quick_bindings: Sequence[str] = (),
     quick_seeds: Sequence[int] | None = None,
+    quick_prerequisite_bindings: Sequence[str] = (),
     notes: str = "",
     max_concurrent: int = 0,
 ) -> StudySpec:
@@ -117,6 +122,7 @@ def study_spec(
         sweeps=sweeps, prerequisites={str(k): [list(p) for p in v] for k, v in dict(prerequisites or {}).items()},
         tables=[dict(t) for t in tables], plots=[dict(p) for p in plots], claims=[dict(c) for c in claims],
         quick_bindings=list(quick_bindings), quick_seeds=list(quick_seeds) if quick_seeds is not None else None,
+        quick_prerequisite_bindings=list(quick_prerequisite_bindings),
         notes=notes, max_concurrent=max_concurrent,
     )
 
@@ -256,9 +262,11 @@ def trial_key(study: str, sweep: str, budget: str, config: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def plan_trials(study: StudySpec, name: str, spec: SweepSpec, budget: str) -> tuple[str, list[dict]]:
+def plan_trials(study: StudySpec, name: str, spec: SweepSpec, budget: str,
+                redirects: dict[str, str] | None = None) -> tuple[str, list[dict]]:
     """Every trial of the sweep: the grid crossed with the seeds, each parsed (so a broken config
-    fails here, before anything trains) and keyed by its config."""
+    fails here, before anything trains) and keyed by its config. `redirects`: prerequisite paths
+    to replace (--quick), as extra bindings of the trials that name them."""
     base_config = gin_config.parse(spec.base_files, [], finalize=False) if spec.base_files else ""
     axes = list(spec.space.items())
     labels = [short_values(key, list(values)) for key, (_, values) in axes]
@@ -272,11 +280,15 @@ def plan_trials(study: StudySpec, name: str, spec: SweepSpec, budget: str) -> tu
             bindings = trial_bindings(spec, sampled)
             try:
                 gin_config.parse_config_string(base_config, bindings)
+                extra = redirect_bindings(gin.config_str(), redirects or {})
+                if extra:
+                    gin_config.parse_config_string(base_config, bindings + extra)
             except ConfigError as error:
                 raise ConfigError(f"study {study.name}, sweep {name}, trial {bindings}: {error.one_line()}") from None
             config = gin.config_str()
             trials.append({"sampled": sampled, "cell": cell, "key": trial_key(study.name, name, budget, config),
-                           "axes": tuple((k, str(v)) for k, v in sampled.items() if k != SEED_KEY)})
+                           "axes": tuple((k, str(v)) for k, v in sampled.items() if k != SEED_KEY),
+                           "bindings": extra})
     gin.clear_config()
     return base_config, trials
 
@@ -300,7 +312,7 @@ class Study:
 
     @property
     def folder(self) -> Path:
-        return self.runs_dir / "studies" / (self.spec.name + ("-quick" if self.quick else ""))
+        return study_folder(self.runs_dir, self.spec.name, self.quick)
 
     def run_dir(self, sweep: str, trial: dict) -> Path:
         return self.folder / "trials" / sweep / f"{report.slug(trial['cell'])}-seed{trial['sampled'][SEED_KEY]}-{trial['key'][:8]}"
@@ -323,6 +335,10 @@ class Study:
         )
 
 
+def study_folder(runs_dir: Path, name: str, quick: bool) -> Path:
+    return runs_dir / "studies" / (name + ("-quick" if quick else ""))
+
+
 def canonical_name(path: Path, given: str) -> str:
     """How the report names the study file: relative to experiments/ when it is there (it then
     resolves from any folder), else as given."""
@@ -338,15 +354,18 @@ def plan_study(path: str | os.PathLike, overrides: Sequence[str] = (), *, quick:
     sweeps = []
     budget = "quick" if quick else "full"
     experiment = spec.experiment + ("-quick" if quick else "")
+    runs_dir = Path(runs_dir).resolve()
+    folder = study_folder(runs_dir, spec.name, quick)
+    redirects = quick_redirects(prerequisite_jobs(spec, list(spec.sections), folder)) if quick else {}
     for section, names in spec.sections.items():
         for name in names:
             sweep_spec, description, note = build_sweep_spec(spec, name, spec.sweeps[name], quick=quick,
                                                              experiment=experiment)
-            base, trials = plan_trials(spec, name, sweep_spec, budget) if sweep_spec else ("", [])
+            base, trials = plan_trials(spec, name, sweep_spec, budget, redirects) if sweep_spec else ("", [])
             sweeps.append(PlannedSweep(name, section, sweep_spec, base, trials, description, note))
     command = "selfflow study " + canonical_name(resolved, str(path)) + (" --quick" if quick else "")
     command += "".join(f' --gin_param "{o}"' for o in overrides)
-    study = Study(spec, resolved, quick, Path(runs_dir).resolve(), sweeps, command)
+    study = Study(spec, resolved, quick, runs_dir, sweeps, command)
     study.report_plan()  # check tables, plots and claims before anything trains
     return study
 
@@ -417,57 +436,90 @@ def read_notes(spec: StudySpec) -> str:
 # ---- prerequisites ------------------------------------------------------------------------------------
 
 
-def prerequisite_jobs(study: Study, sections: Sequence[str]) -> list[tuple[str, str, Path]]:
-    """(kind, target, output) of every prerequisite of the sections, existing or not."""
+@dataclass(frozen=True)
+class Prerequisite:
+    kind: str  # data | encoder | autoencoder
+    target: str  # a dataset name or a gin file
+    output: Path  # where the trials read it (for --quick: a quick copy under the study's folder)
+    selector: str = ""  # the binding that names the output (EncoderTraining.out, ...)
+    original: str = ""  # the output path as the gin file names it
+
+
+def prerequisite_jobs(spec: StudySpec, sections: Sequence[str], quick_folder: Path | None = None,
+                      verbose: bool = False) -> list[Prerequisite]:
+    """Every prerequisite of the sections, existing or not. With `quick_folder` (--quick), trained
+    ones (encoders, autoencoders) are made at Study.quick_prerequisite_bindings under that folder and
+    the trials are pointed there; data is shared."""
     from selfflow.platform.data.shards import index_path_for
 
-    jobs: list[tuple[str, str, Path]] = []
+    jobs: list[Prerequisite] = []
     for section in sections:
-        for kind, target in study.spec.prerequisites.get(section, []):
+        for kind, target in spec.prerequisites.get(section, []):
             if kind == "data":
-                root = Path("data") / target
-                jobs.append((kind, target, index_path_for(root, "test")))
+                jobs.append(Prerequisite(kind, target, index_path_for(Path("data") / target, "test")))
                 continue
             files, missing = expand_presets([target])
-            if missing:
+            if missing and verbose:
                 print(f"selfflow study: prerequisite {kind} {target}: no gin file matches; nothing to make", flush=True)
             selector = "EncoderTraining.out" if kind == "encoder" else "AutoencoderTraining.out"
             for file in files:
                 out = gin_config.peek_binding([file], [], selector)
                 if out is None:
                     raise ConfigError(f"prerequisite {kind} {file}: it sets no {selector}")
-                jobs.append((kind, file, Path(out)))
+                output = quick_folder / "prerequisites" / out if quick_folder else Path(out)
+                jobs.append(Prerequisite(kind, file, output, selector, out))
     return list(dict.fromkeys(jobs))  # sections may share one
+
+
+def quick_redirects(jobs: Sequence[Prerequisite]) -> dict[str, str]:
+    """{path a gin file names: path of its quick copy} for --quick's trials."""
+    return {job.original: str(job.output) for job in jobs if job.original and str(job.output) != job.original}
+
+
+def redirect_bindings(config: str, redirects: dict[str, str]) -> list[str]:
+    """Bindings that point every binding whose value is a redirected path at the redirect."""
+    if not redirects:
+        return []
+    out = []
+    for key, value in gin_config.flatten_config(config).items():
+        unquoted = value.strip()
+        if len(unquoted) >= 2 and unquoted[0] == unquoted[-1] and unquoted[0] in "'\"":
+            unquoted = unquoted[1:-1]
+        if unquoted in redirects:
+            out.append(f"{key} = {redirects[unquoted]!r}")
+    return out
 
 
 def make_prerequisites(study: Study, sections: Sequence[str]) -> list[str]:
     """Build what the sections' trials read and is missing (data shards, REPA encoders,
     autoencoders). Returns what was made."""
     made = []
-    for kind, target, output in prerequisite_jobs(study, sections):
-        if output.exists():
+    for job in prerequisite_jobs(study.spec, sections, study.folder if study.quick else None, verbose=True):
+        if job.output.exists():
             continue
         started = time.perf_counter()
-        print(f"selfflow study: making prerequisite {kind} {target} -> {output}", flush=True)
-        if kind == "data":
+        print(f"selfflow study: making prerequisite {job.kind} {job.target} -> {job.output}", flush=True)
+        if job.kind == "data":
             from selfflow.platform.data import shards
 
             builders = {"digits": shards.build_digits_shards, "moving_digits": shards.build_moving_digits_shards,
                         "spoken_digits": shards.build_spoken_digits_shards}
-            if target not in builders:
-                raise ConfigError(f"prerequisite data {target!r}: one of {sorted(builders)}")
-            builders[target](Path("data") / target, seed=0)
+            if job.target not in builders:
+                raise ConfigError(f"prerequisite data {job.target!r}: one of {sorted(builders)}")
+            builders[job.target](Path("data") / job.target, seed=0)
         else:
-            gin_config.parse([target], [])
+            bindings = [*study.spec.quick_prerequisite_bindings, f"{job.selector} = {str(job.output)!r}"] \
+                if study.quick else []
+            gin_config.parse([job.target], bindings)
             try:
-                if kind == "encoder":
+                if job.kind == "encoder":
                     from selfflow.platform.jobs.encoders import EncoderTraining as Job
                 else:
                     from selfflow.platform.jobs.autoencoders import AutoencoderTraining as Job
                 Job().run()
             finally:
                 gin.clear_config()
-        made.append(f"{kind} {target} ({time.perf_counter() - started:.0f} s)")
+        made.append(f"{job.kind} {job.target} ({time.perf_counter() - started:.0f} s)")
     return made
 
 
@@ -532,7 +584,7 @@ def run_study(study: Study, *, sections: Sequence[str] | None = None, tracking_u
             if not missing:
                 continue
             points = [{"sampled": t["sampled"], "run_dir": str(study.run_dir(sweep.name, t)),
-                       "tags": trial_tags(study, sweep, t)} for t in missing]
+                       "tags": trial_tags(study, sweep, t), "bindings": t["bindings"]} for t in missing]
             result = run_sweep(None, spec=sweep.spec, points=points, runs_dir=study.runs_dir,
                                sweep_dir=sitting / sweep.name, tracking_uri=store.tracking_uri, compare=False,
                                parent_tags={store_tags.TAG_STUDY: study.spec.name,
@@ -586,6 +638,7 @@ def describe(study: Study, store) -> list[str]:
         lines.append(f"  [{sweep.section}] {sweep.name}: {len(cells)} cells x "
                      f"{len(sweep.spec.seeds) if sweep.spec else 0} seeds = {len(sweep.trials)} trials, "
                      f"{finished} finished" + (f"  ({sweep.note})" if sweep.note else ""))
-    for kind, target, output in prerequisite_jobs(study, list(study.spec.sections)):
-        lines.append(f"  prerequisite {kind} {target}: {'present' if output.exists() else 'missing'} ({output})")
+    for job in prerequisite_jobs(study.spec, list(study.spec.sections), study.folder if study.quick else None):
+        lines.append(f"  prerequisite {job.kind} {job.target}: {'present' if job.output.exists() else 'missing'} "
+                     f"({job.output})")
     return lines

@@ -331,7 +331,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         if os.path.isdir(plan.cwd):
             os.chdir(plan.cwd)
         sampled = _sampled(plan, config)
-        overrides = tuple(trial_bindings(plan.spec, sampled))
+        overrides = tuple(trial_bindings(plan.spec, sampled)) + tuple(point.get("bindings") or ())
         gin_config.parse_config_string(plan.base_config, overrides)
         extra_tags = dict(point.get("tags") or {})
         run_id = open_child_run(plan, run_dir, trial_id, sampled, gin.config_str(), extra_tags)
@@ -472,7 +472,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run the sweep of a file (or a ready `spec`). `points`: run exactly these trials instead of the
     spec's space, each {'sampled': {binding: value, TrainConfig.seed: n}, 'run_dir': folder, 'tags':
-    {...}} (what platform/scale/study.py passes)."""
+    {...}, 'bindings': [extra bindings, applied last]} (what platform/scale/study.py passes)."""
     from ray import tune
 
     from selfflow.platform.scale import ray_cluster
