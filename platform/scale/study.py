@@ -510,12 +510,12 @@ def make_prerequisites(study: Study, sections: Sequence[str]) -> list[str]:
         else:
             bindings = [*study.spec.quick_prerequisite_bindings, f"{job.selector} = {str(job.output)!r}"] \
                 if study.quick else []
+            if job.kind == "encoder":  # imported first: importing registers the configurable
+                from selfflow.platform.jobs.encoders import EncoderTraining as Job
+            else:
+                from selfflow.platform.jobs.autoencoders import AutoencoderTraining as Job
             gin_config.parse([job.target], bindings)
             try:
-                if job.kind == "encoder":
-                    from selfflow.platform.jobs.encoders import EncoderTraining as Job
-                else:
-                    from selfflow.platform.jobs.autoencoders import AutoencoderTraining as Job
                 Job().run()
             finally:
                 gin.clear_config()

@@ -151,6 +151,8 @@ class ReportPlan:
 
 
 def num(value: float, digits: int = 4) -> str:
+    if value == 0:
+        return "0"  # never "-0"
     if value is None or not math.isfinite(value):
         return "-" if value is None or math.isnan(value) else ("inf" if value > 0 else "-inf")
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
@@ -207,6 +209,12 @@ class Cells:
 
     def runs(self, ref: CellRef) -> list[TrialRun]:
         return self.by_cell.get((ref.sweep, ref.cell), [])
+
+    def unplanned(self, *refs: CellRef) -> str:
+        """A note naming the cells the plan does not have (e.g. a preset that does not exist yet)."""
+        missing = [str(ref) for ref in refs
+                   if (planned := self.plan.sweep(ref.sweep)) is None or ref.cell not in planned.cells]
+        return f"not in the study's plan: {', '.join(missing)}" if missing else ""
 
     def final(self, ref: CellRef, metric: str) -> dict[str, float]:
         out = {}
@@ -265,9 +273,10 @@ def evaluate_ordering(cells: Cells, claim: ClaimSpec) -> ClaimResult:
             totals = [t for t in totals if math.isfinite(t)]
             budget = min(totals) if totals else math.nan
             values_a, values_b = cells.at_wall(a, claim.metric, budget), cells.at_wall(b, claim.metric, budget)
-            note = f"at {num(budget, 3)} s of training"
+            note = f"at {num(budget, 3)} s of training" if math.isfinite(budget) else ""
         else:
             values_a, values_b = cells.final(a, claim.metric), cells.final(b, claim.metric)
+        note = cells.unplanned(a, b) or note
         diff = st.compare_cells(values_a, values_b, claim.mode)
         rows.append(ComparisonRow(str(a), str(b), [cell_text(list(values_a.values())), cell_text(list(values_b.values()))],
                                   diff, st.verdict(claim.kind, diff, claim.margin), note))
@@ -297,7 +306,7 @@ def evaluate_faster(cells: Cells, claim: ClaimSpec) -> ClaimResult:
         for reach in (reach_a, reach_b):
             hit = sum(r.reached for r in reach.values())
             texts.append(f"{cell_text([r.value for r in reach.values()])} {unit}, reached {hit}/{len(reach)}")
-        rows.append(ComparisonRow(str(a), str(b), texts, diff, decided,
+        rows.append(ComparisonRow(str(a), str(b), texts, diff, decided, cells.unplanned(a, b) or
                                   f"{claim.metric} {'<=' if claim.mode == 'min' else '>='} {num(claim.threshold)}"))
     return ClaimResult(claim, rows, st.combine([r.verdict for r in rows]))
 

@@ -137,7 +137,8 @@ class StudyStore:
         """Training seconds per step: the median, over consecutive training logs, of wall time between
         them divided by the steps between them. The median leaves out the intervals that also hold an
         evaluation, a checkpoint or the gap between two sittings."""
-        clock = sorted(n for n in run.metrics if n.startswith("loss/"))
+        clock = sorted(n for n in run.metrics if n.startswith("loss/")) or \
+            sorted(n for n in run.metrics if n.startswith("train/"))  # what every training log holds
         if not clock:
             return math.nan
         history = self.history(run, "loss/total" if "loss/total" in clock else clock[0])

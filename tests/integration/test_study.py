@@ -16,7 +16,7 @@ import pytest
 
 from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.scale.study import expand_presets, plan_study, run_study, short_values
+from selfflow.platform.scale.study import expand_presets, plan_study, redirect_bindings, run_study, short_values
 
 QUICK = """[
     'TrainConfig.steps = 4', 'TrainConfig.batch_size = 8', 'TrainConfig.log_every = 1',
@@ -76,6 +76,14 @@ def test_presets_and_cell_labels():
         ["digits/fm", "audio/fm", "digits/sra"]
     assert short_values("include", ["digits/fm.gin", "digits/ablations/l1.gin"]) == ["fm", "l1"]
     assert short_values("DiT.hidden_dim", [48, 96]) == ["hidden_dim=48", "hidden_dim=96"]
+
+
+def test_quick_redirects_point_every_binding_that_names_a_prerequisite():
+    config = ("digit_encoder_from.path = 'runs/encoders/e.pt'\nimage/Thing.path = \"runs/encoders/e.pt\"\n"
+              "Other.path = 'runs/encoders/other.pt'\nTrainConfig.steps = 3\n")
+    assert redirect_bindings(config, {"runs/encoders/e.pt": "/q/e.pt"}) == [
+        "digit_encoder_from.path = '/q/e.pt'", "image/Thing.path = '/q/e.pt'"]
+    assert redirect_bindings(config, {}) == []
 
 
 def test_plan_keys_are_stable_and_follow_the_config(tmp_path):
