@@ -1,4 +1,4 @@
-"""`selfflow` command line: train, sweep, compare, ui, data, sample, eval, demo.
+"""`selfflow` command line: train, sweep, study, compare, ui, data, sample, eval, demo.
 
 torch is imported only inside the commands, after the host preset (platform/host.py) is applied:
 OpenMP reads its wait policy once, when torch loads it.
@@ -71,6 +71,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if result.parent_run_id:
         print(f"mlflow parent run: {result.parent_run_id}  ({result.tracking_uri})")
     print(f"sweep wall time:   {result.wall_s:.0f} s")
+    return 1 if result.failed else 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from selfflow.platform.scale import ray_cluster
+    from selfflow.platform.scale.study import describe, open_store, plan_study, run_study
+
+    study = plan_study(args.study_file, args.gin_param, quick=args.quick, runs_dir=args.runs)
+    if args.plan:
+        print("\n".join(describe(study, open_store(study, args.tracking_uri))))
+        return 0
+    try:
+        result = run_study(study, sections=args.section, tracking_uri=args.tracking_uri, out=args.out,
+                           plots_dir=args.plots_dir, report_only=args.report_only)
+    finally:
+        ray_cluster.shutdown()
+    report = result.report
+    print(f"report:          {report.path}  ({report.finished} of {report.planned} trials finished, "
+          f"{len(report.plots)} plots)")
+    for claim in report.claims:
+        print(f"  claim {claim.spec.id:<6} {claim.verdict:<14} {claim.spec.statement}")
+    for line in result.failed:
+        print(f"selfflow study: failed for good: {line}", file=sys.stderr)
+    print(f"study wall time: {result.wall_s:.0f} s")
     return 1 if result.failed else 0
 
 
@@ -344,6 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("study", help="run a study's sweeps (experiments/studies/*.gin) and write its report "
+                                     "(RESULTS.md) from MLflow; resumes where an earlier sitting stopped")
+    p.add_argument("study_file", help="study gin file, e.g. studies/paper.gin")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
+                   help="override a Study binding, e.g. \"Study.seeds = [0, 1, 2, 3]\"")
+    p.add_argument("--quick", action="store_true",
+                   help="the same study at its quick budget (Study.quick_bindings): minutes, for tests and CI")
+    p.add_argument("--report-only", action="store_true", help="train nothing; rewrite the report from the store")
+    p.add_argument("--plan", action="store_true", help="print the sweeps, trials and what is finished; run nothing")
+    p.add_argument("--section", action="append", default=None,
+                   help="run only this section of the study (repeatable); the report covers all")
+    p.add_argument("--out", default=None, help="report file (default: RESULTS.md; with --quick "
+                                               "<runs>/studies/<name>-quick/RESULTS.md)")
+    p.add_argument("--plots-dir", default=None, help="folder for the plots (default: results/ beside the report)")
+    p.add_argument("--runs", default="runs", help="folder for runs and the embedded MLflow store")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else <runs>/mlflow.db)")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("compare", help="compare runs: mean ± 95%% interval over seeds, metric-vs-step plots")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")

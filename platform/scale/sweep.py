@@ -64,6 +64,10 @@ SCHEDULERS = ("fifo", "asha")
 INCLUDE_KEY = "include"
 SEED_KEY = "TrainConfig.seed"
 RUN_ID_FILE = "mlflow_run_id.txt"
+# A sweep run on given trial points (a study: platform/scale/study.py) grids over this one key; each
+# value is JSON (Tune leaves a string alone) of the sampled bindings, the trial's own run folder and
+# the tags of its MLflow run.
+POINT_KEY = "_point"
 
 
 # ---- the spec -----------------------------------------------------------------------------------
@@ -236,9 +240,11 @@ def representative_points(spec: SweepSpec, limit: int = 64) -> list[dict[str, An
     return points
 
 
-def tune_space(spec: SweepSpec) -> dict[str, Any]:
+def tune_space(spec: SweepSpec, points: Sequence[dict] | None = None) -> dict[str, Any]:
     from ray import tune
 
+    if points is not None:
+        return {POINT_KEY: tune.grid_search([json.dumps(point, sort_keys=True) for point in points])}
     space: dict[str, Any] = {}
     for key, (kind, *args) in spec.space.items():
         if kind == "grid":
@@ -269,12 +275,21 @@ class TrialPlan:
     parent_run_id: str | None
 
 
+def given_point(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial point a caller gave (run_sweep(points=...)), or {}."""
+    raw = config.get(POINT_KEY)
+    return json.loads(raw) if raw else {}
+
+
 def _sampled(plan: TrialPlan, config: dict[str, Any]) -> dict[str, Any]:
+    if POINT_KEY in config:
+        return dict(given_point(config)["sampled"])
     keys = [*plan.spec.space, SEED_KEY]
     return {key: config[key] for key in keys}
 
 
-def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[str, Any], config_str: str) -> str | None:
+def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[str, Any], config_str: str,
+                   extra_tags: dict[str, str] | None = None) -> str | None:
     """Create this trial's child run once; a retry reads its id back from the trial folder."""
     if not plan.tracking_uri:
         return None
@@ -292,6 +307,7 @@ def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[
         "sweep.group": group_label(sampled),
         "seed": str(sampled[SEED_KEY]),
         "run_dir": str(run_dir),
+        **(extra_tags or {}),
     }
     run = client.create_run(plan.experiment_id, run_name=f"{plan.spec.name}-{trial_id}",
                             tags={k: v for k, v in tags.items() if v})
@@ -310,20 +326,22 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     try:
         trial_id = tune.get_context().get_trial_id()
-        run_dir = Path(plan.sweep_dir) / "trials" / trial_id
+        point = given_point(config)
+        run_dir = Path(point.get("run_dir") or Path(plan.sweep_dir) / "trials" / trial_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.path.isdir(plan.cwd):
             os.chdir(plan.cwd)
         sampled = _sampled(plan, config)
-        overrides = tuple(trial_bindings(plan.spec, sampled))
+        overrides = tuple(trial_bindings(plan.spec, sampled)) + tuple(point.get("bindings") or ())
         gin_config.parse_config_string(plan.base_config, overrides)
-        run_id = open_child_run(plan, run_dir, trial_id, sampled, gin.config_str())
+        extra_tags = dict(point.get("tags") or {})
+        run_id = open_child_run(plan, run_dir, trial_id, sampled, gin.config_str(), extra_tags)
         spec = plan.spec
         run = RunSpec(
             config_str=plan.base_config, overrides=overrides, run_dir=str(run_dir), cwd=plan.cwd,
             tracking_uri=plan.tracking_uri, experiment_name=spec.experiment, mlflow_run_id=run_id,
             threads=max(1, int(spec.cpus_per_worker)),
-            tags={"sweep": spec.name, "sweep.group": group_label(sampled)},
+            tags={"sweep": spec.name, "sweep.group": group_label(sampled), **extra_tags},
         )
         if spec.workers_per_trial == 1:
             use_gpu = spec.gpus_per_worker > 0
@@ -444,7 +462,7 @@ def _brief(result: dict | None) -> str:
 
 
 def run_sweep(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     overrides: Sequence[str] = (),
     *,
     runs_dir: str | os.PathLike = "runs",
@@ -452,7 +470,13 @@ def run_sweep(
     tracking: bool = True,
     tracking_uri: str | None = None,
     compare: bool = True,
+    spec: SweepSpec | None = None,
+    points: Sequence[dict] | None = None,
+    parent_tags: dict[str, str] | None = None,
 ) -> SweepResult:
+    """Run the sweep of a file (or a ready `spec`). `points`: run exactly these trials instead of the
+    spec's space, each {'sampled': {binding: value, TrainConfig.seed: n}, 'run_dir': folder, 'tags':
+    {...}, 'bindings': [extra bindings, applied last]} (what platform/scale/study.py passes)."""
     from ray import tune
 
     from selfflow.platform.scale import ray_cluster
@@ -461,13 +485,18 @@ def run_sweep(
     # Evaluation metrics (eval/fd) appear only at eval steps; ASHA skips results without them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     started = time.perf_counter()
-    spec, spec_text = load_spec(path, overrides)
+    if spec is None:
+        spec, spec_text = load_spec(path, overrides)
+    else:
+        spec_text = f"# sweep {spec.name}: the spec is spec.json, its trials points.json\n"
     base_config = gin_config.parse(spec.base_files, []) if spec.base_files else ""
     steps = validate(spec, base_config)
     sweep_dir = Path(sweep_dir or Path(runs_dir) / "sweeps" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep_dir / "sweep.gin", spec_text)
     write_text_atomic(sweep_dir / "spec.json", json.dumps(asdict(spec), indent=2, default=str))
+    if points is not None:
+        write_text_atomic(sweep_dir / "points.json", json.dumps(list(points), indent=2, default=str))
 
     uri = parent_id = experiment_id = None
     parent = None
@@ -475,7 +504,7 @@ def run_sweep(
         uri = tracking_uri or default_tracking_uri(runs_dir)
         parent = MLflowTracker(tracking_uri=uri, experiment=spec.experiment, run_name=f"sweep-{spec.name}",
                                tags={"sweep": spec.name, "sweep.role": "parent", "git_commit": git_commit(),
-                                     "sweep_dir": str(sweep_dir)}, runs_dir=runs_dir)
+                                     "sweep_dir": str(sweep_dir), **(parent_tags or {})}, runs_dir=runs_dir)
         parent_id, experiment_id = parent.run_id, parent.experiment_id
         parent.log_params({"sweep.search": spec.search, "sweep.scheduler": spec.scheduler,
                            "sweep.metric": spec.metric, "sweep.seeds": spec.seeds,
@@ -496,7 +525,7 @@ def run_sweep(
     search_alg, scheduler = _search_and_scheduler(spec, steps)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources),
-        param_space=tune_space(spec),
+        param_space=tune_space(spec, points),
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=spec.num_samples, max_concurrent_trials=limit,
@@ -544,7 +573,8 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
     config = result.config or {}
     metrics = result.metrics or {}
     trial_id = str(metrics.get("trial_id") or Path(result.path).name)
-    sampled = {key: config.get(key) for key in [*spec.space, SEED_KEY]}
+    point = given_point(config)
+    sampled = dict(point["sampled"]) if point else {key: config.get(key) for key in [*spec.space, SEED_KEY]}
     reached = int(metrics.get("step", 0) or 0)
     if result.error is not None:
         status = "failed"
@@ -552,7 +582,7 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
         status = "finished"
     else:
         status = "stopped_early"
-    id_file = sweep_dir / "trials" / trial_id / RUN_ID_FILE
+    id_file = Path(point.get("run_dir") or sweep_dir / "trials" / trial_id) / RUN_ID_FILE
     value = metrics.get(spec.metric)
     return TrialOutcome(
         trial_id=trial_id, group=group_label(sampled), seed=int(sampled.get(SEED_KEY) or 0), status=status,

@@ -18,7 +18,7 @@ from selfflow.platform.config import bootstrap as config
 from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
 from selfflow.platform.config.experiment import build_from_gin
 
-SKIP_FOLDERS = {"sweeps"}  # sweep specs are not experiments: tested with the sweep runner
+SKIP_FOLDERS = {"sweeps", "studies"}  # sweep and study specs are not experiments: tested with their runners
 MAX_TRAINABLE_PARAMS = 30_000_000
 LOCAL_DATASETS = ("digits", "moving_digits", "spoken_digits")  # built by the test session's fixtures
 ONE_STEP = [
