@@ -5,14 +5,17 @@ Only rank 0 constructs an MLflowTracker; other ranks get a NullTracker.
 Reliability (docs/reliability.md):
 - The store is probed when the tracker starts: unreachable means a one-line
   UserError naming the URI, before any training (HTTP retries are off for the probe).
-- Metrics, tags, artifacts and the final status go through an in-memory queue and,
+- Every record (metrics, params, tags, artifacts, text, step images, tables, dataset inputs and
+  the final status) goes through an in-memory queue and,
   when the tracker has a run folder, the append-only journal (platform/journal.py)
   first. A failed delivery starts an outage: training goes on, the queue is retried
   with backoff, and `finish` drains it. What is still undelivered stays in the
   journal for the next resume or `selfflow sync --run-dir`.
 - With a run folder, a run holds one value per (metric, step): values for a step
   the store already has are not sent again. A resumed run recomputes the steps after
-  its checkpoint; the ones delivered before the kill are not duplicated.
+  its checkpoint; the ones delivered before the kill are not duplicated. Step images
+  likewise hold one image per (key, step); the other record kinds are idempotent by
+  nature (platform/tracking/records.py).
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ from typing import Iterator, Mapping
 
 from selfflow.platform.errors import UserError
 from selfflow.platform.tracking.base import NullTracker, Tracker  # noqa: F401  (re-exported)
+from selfflow.platform.tracking import records
 from selfflow.platform.tracking.journal import Record, TrackingJournal, journal_path
 
 DEFAULT_EXPERIMENT = "selfflow"
-_PARAM_BATCH = 100  # MLflow's log_batch limit on params per call
 _METRIC_BATCH = 1000
 _PROBE_TIMEOUT_S = 5
 _SEND_TIMEOUT_S = 10
@@ -163,6 +166,7 @@ class _Delivery:
         self.client, self.uri, self.journal, self.dedupe = client, uri, journal, dedupe
         self.queue: deque[Record] = deque()
         self.present: dict[str, set[tuple[str, int]]] = {}  # run id -> (key, step) in the store
+        self.images: dict[str, set[tuple[str, int]]] = {}  # run id -> (image key, step) in the store
         self.stats = DeliveryStats()
         self.backoff = 0.0
         self.next_attempt = 0.0
@@ -232,6 +236,11 @@ class _Delivery:
             self.present[run_id] = found
         return self.present[run_id]
 
+    def _images_for(self, run_id: str) -> set[tuple[str, int]]:
+        if run_id not in self.images:
+            self.images[run_id] = records.image_steps(self.client, run_id)
+        return self.images[run_id]
+
     def _send(self, record: Record) -> None:
         from mlflow.entities import Metric, RunTag
 
@@ -256,6 +265,18 @@ class _Delivery:
             if not Path(payload["path"]).exists():
                 raise FileNotFoundError(f"artifact file {payload['path']} no longer exists")
             self.client.log_artifact(record.run_id, payload["path"], payload.get("artifact_path"))
+        elif record.op == "params":
+            records.send_params(self.client, record.run_id, payload["params"])
+        elif record.op == "text":
+            records.send_text(self.client, record.run_id, payload["text"], payload["artifact_file"])
+        elif record.op == "image":
+            present = self._images_for(record.run_id) if self.dedupe else None
+            records.send_image(self.client, record.run_id, payload["path"], payload["key"], payload["step"],
+                               payload["time"], present)
+        elif record.op == "table":
+            records.send_table(self.client, record.run_id, payload["columns"], payload["artifact_file"])
+        elif record.op == "dataset":
+            records.send_dataset(self.client, record.run_id, payload["dataset"])
         elif record.op == "status":
             self.client.set_terminated(record.run_id, status=payload["status"])
         else:
@@ -332,6 +353,7 @@ class MLflowTracker:
                 )
                 self.run_id = run.info.run_id
                 self.delivery.present[self.run_id] = set()  # a new run has no metrics yet
+                self.delivery.images[self.run_id] = set()  # nor images
 
     def _experiment_id(self, name: str, runs_dir) -> str:
         uri = self.tracking_uri
@@ -354,20 +376,11 @@ class MLflowTracker:
             return _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
                                  "get_experiment", uri, 30.0)
 
-    def log_params(self, params: Mapping[str, object]) -> None:
-        from mlflow.entities import Param
-
-        uri = self.tracking_uri
-        with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
-            existing = _retry_locked(lambda: self.client.get_run(self.run_id).data.params, "get_run", uri)
-            items = [
-                Param(key[:250], str(value)[:6000])
-                for key, value in params.items()
-                if key[:250] not in existing  # a resumed run may not re-log params
-            ]
-            for start in range(0, len(items), _PARAM_BATCH):
-                batch = items[start:start + _PARAM_BATCH]
-                _retry_locked(lambda: self.client.log_batch(self.run_id, params=batch), "log_params", uri)
+    def log_params(self, params: Mapping[str, object], where: str = "") -> None:
+        """Params the run does not have yet (a resumed run keeps its own), within MLflow's length
+        limits (`where`: the artifact holding the full text of values that had to be cut)."""
+        if params:
+            self.delivery.submit("params", self.run_id, params=records.param_items(params, where))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         values = {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
@@ -378,7 +391,26 @@ class MLflowTracker:
         self.delivery.submit("artifact", self.run_id, path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.delivery.submit("tags", self.run_id, tags={key: str(value) for key, value in tags.items()})
+        self.delivery.submit("tags", self.run_id, tags={key: records.tag_value(value) for key, value in tags.items()})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (a .txt name makes the UI preview it)."""
+        self.delivery.submit("text", self.run_id, text=text, artifact_file=artifact_file)
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """A PNG on disk as the step image `key` at `step` (the UI's image view: a step slider, and
+        side by side across runs). The file must stay until the record is delivered."""
+        self.delivery.submit("image", self.run_id, path=str(Path(path).resolve()), key=key, step=int(step),
+                             time=int(time.time() * 1000))
+
+    def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
+        """A table (column name -> values) as MLflow's table artifact (`artifact_file` ends in .json)."""
+        self.delivery.submit("table", self.run_id, columns={key: list(values) for key, values in columns.items()},
+                             artifact_file=artifact_file)
+
+    def log_dataset(self, dataset: Mapping[str, object]) -> None:
+        """A dataset input of the run: {name, digest, source_type, source, profile?, schema?, context}."""
+        self.delivery.submit("dataset", self.run_id, dataset=dict(dataset))
 
     def flush(self, seconds: float = 0.0) -> bool:
         """Try to deliver everything queued now (for up to `seconds`); True if nothing is left."""
