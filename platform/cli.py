@@ -229,7 +229,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"mlflow run:      {result.mlflow_run_id}  ({result.tracking_uri})")
     for key in sorted(result.metrics):
-        if not key.startswith(("probe/linear/block", "probe/knn/block")):
+        if not key.startswith("probe_grid/"):
             print(f"  {key:<28} {result.metrics[key]:.4f}")
     print(f"artifacts:       {result.run_dir / 'eval'}")
     return 0
@@ -249,22 +249,18 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def ui_command(runs: str, host: str, port: int, tracking_uri: str | None = None) -> list[str]:
-    """The `mlflow ui` command line for a runs folder (127.0.0.1 unless a host is given)."""
+    """The `mlflow server` command line `selfflow ui` runs for a runs folder (platform/tracking/ui.py)."""
     from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import server_command
 
-    mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri",
-            tracking_uri or default_tracking_uri(runs), "--host", host, "--port", str(port)]
+    return server_command(tracking_uri or default_tracking_uri(runs), host, port)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    command = ui_command(args.runs, args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"selfflow: warning: serving MLflow on {args.host}: anyone who can reach this machine can read "
-              f"and change the runs", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port}  ({command[3]})", flush=True)
-    os.execvp(command[0], command)  # replaces this process: Ctrl-C stops the UI
-    return 0
+    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import serve
+
+    return serve(default_tracking_uri(args.runs), args.host, args.port)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -381,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to keep retrying an unanswering store")
     p.set_defaults(func=_cmd_sync)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (on 127.0.0.1 unless --host says otherwise)")
+    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (one worker, on 127.0.0.1 unless --host says "
+                                  "otherwise); Ctrl-C stops it and everything it started")
     p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the runs")
     p.add_argument("--port", type=int, default=5000)

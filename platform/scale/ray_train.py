@@ -31,9 +31,10 @@ from selfflow.platform import host
 from selfflow.platform.config import bootstrap as gin_config
 from selfflow.platform.config.devices import parse_device, resolve_device
 from selfflow.platform.errors import DEBUG_ENV, ConfigError, TrainingError, UserError, debug_enabled
-from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, git_commit
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
+from selfflow.platform.tracking.provenance import unique_run_name
 from selfflow.platform.train import checkpoint as ckpt
-from selfflow.platform.train.driver import RunResult, RunSpec, prepare_run, run_training
+from selfflow.platform.train.driver import RunResult, RunSpec, launch_tags, prepare_run, run_training
 from selfflow.platform.train.parallel import ddp_wrapper
 
 ReportFn = Callable[[dict[str, float], "Path | None"], None]
@@ -249,14 +250,15 @@ def train_distributed(
     cluster = ray_cluster.connect(worker_env=worker_environment(host_preset))
     ray_cluster.check_fits(cluster, scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker,
                            "distributed training")
-    uri, run_id, launcher_tracker = None, None, None
+    uri, run_id, launcher_tracker, tags = None, None, None, {}
     if tracking:
         uri = tracking_uri or default_tracking_uri(runs_dir)
+        tags = launch_tags(gin_files, gin_params, extra=f"Data-parallel on {scaling.workers} Ray Train workers.")
         # The launcher opens the run (and resolves the experiment) once; workers only reopen it by id.
         launcher_tracker = MLflowTracker(
             tracking_uri=uri, experiment=experiment_name or "selfflow",
-            run_id=(state or {}).get("mlflow_run_id") or None, run_name=name,
-            tags={"git_commit": git_commit(), "run_dir": str(run_dir), "workers": str(scaling.workers)},
+            run_id=(state or {}).get("mlflow_run_id") or None, run_name=unique_run_name(name),
+            tags={"run_dir": str(run_dir), "workers": str(scaling.workers), **tags},
             parent_run_id=parent_run_id, runs_dir=runs_dir,
         )
         run_id = launcher_tracker.run_id
@@ -264,8 +266,9 @@ def train_distributed(
             launcher_tracker.log_params(gin_config.flatten_config(config_str))
         launcher_tracker.log_params({"ray.workers": scaling.workers, "ray.cpus_per_worker": scaling.cpus_per_worker,
                                      "ray.gpus_per_worker": scaling.gpus_per_worker})
+        launcher_tracker.flush(10.0)  # the launcher has no journal: deliver before the workers start
     spec = RunSpec(config_str=config_str, run_dir=str(run_dir), cwd=os.getcwd(), tracking_uri=uri,
-                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id,
+                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id, tags=tags,
                    threads=max(1, int(scaling.cpus_per_worker)), progress=progress)
     trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}")
     started = time.perf_counter()

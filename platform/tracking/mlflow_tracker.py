@@ -24,7 +24,6 @@ import fcntl
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from typing import Iterator, Mapping
 from selfflow.platform.errors import UserError
 from selfflow.platform.tracking.base import NullTracker, Tracker  # noqa: F401  (re-exported)
 from selfflow.platform.tracking import records
+from selfflow.platform.tracking.provenance import git_commit  # noqa: F401  (re-exported)
 from selfflow.platform.tracking.journal import Record, TrackingJournal, journal_path
 
 DEFAULT_EXPERIMENT = "selfflow"
@@ -57,17 +57,6 @@ def default_tracking_uri(runs_dir: str | os.PathLike = "runs") -> str:
     root = Path(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=5, check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def quiet_mlflow() -> None:

@@ -29,10 +29,12 @@ from selfflow.platform.config.devices import resolve_device
 from selfflow.platform.config.experiment import Experiment, build_from_gin
 from selfflow.platform.errors import TrainingError, UserError, write_traceback
 from selfflow.platform.tracking.base import NullTracker
-from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, git_commit
+from selfflow.platform.tracking import provenance
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid, evaluation_callbacks
 from selfflow.platform.train.parallel import ReplicaCheck
+from selfflow.platform.train.run_tracking import record_start, run_tracking, tracking_callbacks
 from selfflow.platform.train.trainer import Trainer
 
 
@@ -42,7 +44,8 @@ class RunSpec:
 
     config_str: gin's config after the launcher parsed files + bindings; overrides: bindings applied
     on top in the training process (a sweep trial's sampled values). mlflow_run_id: the run the
-    launcher opened (None: `run_training` opens one when tracking_uri is set). threads: torch
+    launcher opened (None: `run_training` opens one when tracking_uri is set). tags: the run's MLflow
+    tags from the launcher (its provenance: platform/tracking/provenance.py). threads: torch
     intra-op threads when TrainConfig.num_threads is 0 (0: torch's default).
     """
 
@@ -80,13 +83,14 @@ def experiment_name_in_config() -> str:
         return "experiment"
 
 
-def standard_callbacks(experiment: Experiment) -> list:
-    """The callbacks every training run uses. CheckpointEvery stays last: callbacks added after it
-    (reports to Ray) may rely on this step's checkpoint."""
+def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = ()) -> list:
+    """The callbacks every training run uses (and `extra`, e.g. system metrics). CheckpointEvery stays
+    last: callbacks added after it (reports to Ray) may rely on this step's checkpoint."""
     return [
         LogOperativeConfig(),
         SampleGrid(experiment.train.eval_every),
         *evaluation_callbacks(experiment.evaluation),
+        *extra,
         ReplicaCheck(),
         CheckpointEvery(experiment.train.checkpoint_every),
     ]
@@ -169,15 +173,15 @@ def run_training(
     source, state = restored if restored is not None else ckpt.load_latest(run_dir / "checkpoints")
 
     tracker = NullTracker()
+    options = run_tracking()  # on every rank: gin's operative config then lists RunTracking everywhere
     if rank == 0 and spec.tracking_uri:
         run_id = spec.mlflow_run_id or (state or {}).get("mlflow_run_id") or None
         tracker = MLflowTracker(tracking_uri=spec.tracking_uri, experiment=spec.experiment_name, run_id=run_id,
-                                run_name=experiment.name, parent_run_id=spec.parent_run_id, journal_dir=run_dir,
-                                tags=dict(experiment.tags, git_commit=git_commit(), run_dir=str(run_dir.resolve()),
-                                          **spec.tags))
-        if run_id is None:
-            tracker.log_params(gin_config.flatten_config(spec.config_str))
-    callbacks = standard_callbacks(experiment) + list(extra_callbacks) + list(experiment.callbacks)
+                                run_name=provenance.unique_run_name(experiment.name), parent_run_id=spec.parent_run_id,
+                                journal_dir=run_dir, tags=dict(experiment.tags, **spec.tags))
+        record_start(tracker, experiment, run_dir.resolve(), spec.tags)
+    tracked = tracking_callbacks(options) if rank == 0 else []
+    callbacks = standard_callbacks(experiment, tracked) + list(extra_callbacks) + list(experiment.callbacks)
     data = experiment.data.loader(batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
     status = "FAILED"  # whatever fails from here on ends the MLflow run as FAILED
     try:
@@ -197,6 +201,8 @@ def run_training(
         keep_traceback(error, run_dir if rank == 0 else run_dir / f"rank{rank}")
         raise
     finally:
+        for callback in tracked:
+            callback.close()
         tracker.finish(status)
     return RunResult(run_dir=run_dir, mlflow_run_id=tracker.run_id, final_metrics=final,
                      checkpoint=ckpt.latest(run_dir / "checkpoints"), tracking_uri=spec.tracking_uri)
@@ -221,5 +227,19 @@ def train(
         config_str=config_str, run_dir=str(run_dir), cwd=os.getcwd(),
         tracking_uri=(tracking_uri or default_tracking_uri(runs_dir)) if tracking else None,
         experiment_name=experiment_name or "selfflow", parent_run_id=parent_run_id, progress=progress,
+        tags=launch_tags(gin_files, gin_params) if tracking else {},
     )
     return run_training(spec)
+
+
+def launch_tags(gin_files: Sequence[str], gin_params: Sequence[str], extra: str = "") -> dict[str, str]:
+    """The provenance tags of a run this process launches, its description taken from the header
+    comment of the experiment's gin file (the first file that has one)."""
+    resolved = []
+    for name in gin_files:
+        try:
+            resolved.append(gin_config.resolve_config_file(name))
+        except UserError:  # parse() already checked the files; a vanished one just has no header
+            continue
+    header = provenance.first_header(resolved)
+    return provenance.source_tags(gin_files, gin_params, provenance.describe(header, gin_files, gin_params, extra))
