@@ -211,11 +211,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = train(["demo.gin"], args.gin_param, run_dir=run_dir, runs_dir=args.runs, progress=True)
     _print_result(result)
     grids = sorted((result.run_dir / "samples").glob("*.png"))
-    uri = result.tracking_uri or ""
     print(f"sample grid:     {grids[-1] if grids else 'none'}  (row c = class c)")
-    print(f"MLflow UI:       make ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    for line in demo_summary(result.final_metrics):
+        print(line)
+    if result.mlflow_run_id:
+        print(f"MLflow run:      {mlflow_run_link(result.tracking_uri, result.mlflow_run_id)}  "
+              f"(start the UI first: make ui, or selfflow ui --runs {args.runs})")
     print(f"demo wall time:  {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def demo_summary(metrics: dict[str, float]) -> list[str]:
+    """The figures that say how good the demo model is (the newest evaluation's)."""
+    lines = []
+    if "eval/fd" in metrics:
+        floor = metrics.get("eval/fd_data_floor")
+        lines.append(f"FD:              {metrics['eval/fd']:.2f}" + (f"  (real-data floor {floor:.2f}; lower is better)"
+                                                                      if floor is not None else "  (lower is better)"))
+    if "eval/sample_class_acc" in metrics:
+        lines.append(f"class accuracy:  {metrics['eval/sample_class_acc']:.3f}  (samples the evaluator reads as "
+                     f"their requested digit)")
+    if "probe/linear/best" in metrics:
+        block = metrics.get("probe/linear/best_block")
+        lines.append(f"best probe:      {metrics['probe/linear/best']:.3f}  (linear probe accuracy"
+                     + (f", block {int(block)})" if block is not None else ")"))
+    return lines or ["evaluation:      none logged (EvalSuite.min_steps or EvalSuite.every skipped it)"]
+
+
+def mlflow_run_link(tracking_uri: str | None, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI (`ui`: where `make ui` serves; a server store links to itself)."""
+    from mlflow.tracking import MlflowClient
+
+    base = tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith(("http://", "https://")) else ui
+    try:
+        experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the link is a convenience: the run id alone still finds the run
+        return f"run {run_id} ({tracking_uri})"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ against what the run already holds:
 - text: overwrites the same artifact file;
 - image: one image per (key, step), like metrics (MLflow names each upload with a fresh UUID, so a
   resend would otherwise show twice on the step slider);
-- table: written once per artifact file (MLflow's `log_table` appends to an existing file);
+- table: replaces the artifact file (MLflow's `log_table` would append to an existing one);
 - dataset input: MLflow stores one input per (dataset name, digest) and run.
 
 Limits: MLflow keeps param keys to 250 characters and values to 6,000, tag values to 8,000.
@@ -103,14 +103,19 @@ def send_image(client, run_id: str, path: str, key: str, step: int, timestamp: i
 
 
 def send_table(client, run_id: str, columns: Mapping[str, list], artifact_file: str) -> bool:
-    """The table as MLflow's table artifact (the UI's table view), once per artifact file; returns
-    False when the run already had the file (then only its table tag is made sure of)."""
+    """The table as MLflow's table artifact (the UI's table view). MLflow's `log_table` appends to a
+    file the run already has, so a file already there is replaced instead, in the same format
+    (pandas' split-oriented JSON) and with the same tag: a replay leaves one copy, a newer table wins.
+    Returns whether `log_table` itself wrote it."""
+    import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     folder = posixpath.dirname(artifact_file) or None
     if artifact_file not in {item.path for item in client.list_artifacts(run_id, folder)}:
         client.log_table(run_id, data=dict(columns), artifact_file=artifact_file)
         return True
+    client.log_text(run_id, pd.DataFrame(dict(columns)).to_json(orient="split", index=False, date_format="iso"),
+                    artifact_file)
     logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
     entry = {"path": artifact_file, "type": "table"}
     if entry not in logged:

@@ -196,6 +196,8 @@ def run_training(
             if not spec.progress:
                 print(f"selfflow: rank {rank} resumed from {source} at step {trainer.step}", flush=True)
         final = trainer.fit()
+        # The newest value of every metric logged (evaluation's too), the last training log's winning.
+        final = {**{key: value for key, (_, value) in trainer.tracker.latest.items()}, **final}
         status = "FINISHED"
     except Exception as error:
         keep_traceback(error, run_dir if rank == 0 else run_dir / f"rank{rank}")

@@ -87,6 +87,8 @@ def test_a_replay_stores_no_image_or_table_twice(tmp_path, uri):
     images = [a.path for a in client.list_artifacts(tracker.run_id, "images")]
     assert len(images) == 2  # one full-size png and its compressed webp, not two pairs
     assert _table(client, tracker.run_id, "t/table.json", tmp_path / "t") == {"x": [1, 2]}  # not appended again
+    records.send_table(client, tracker.run_id, {"x": [3]}, "t/table.json")  # a newer table replaces it
+    assert _table(client, tracker.run_id, "t/table.json", tmp_path / "t2") == {"x": [3]}
 
 
 def test_an_outage_queues_images_and_params_until_the_store_is_back(tmp_path, uri, monkeypatch):
