@@ -5,15 +5,15 @@ During training its callback evaluates the EMA model every `every` steps (and at
 the last step); `selfflow eval` runs the same code on a finished run and logs into
 the same MLflow run at the checkpoint's step.
 
-Logged (step = training step), named so that the MLflow UI's chart sections (one per first path
-component) each hold one kind of figure:
+Logged (step = training step), named so that the MLflow UI's chart sections (one per name up to
+its last '/') each hold one kind of figure:
   eval/fd                  Fréchet distance, N generated samples vs the test split, evaluator features
   eval/fd_data_floor       the same with N real train images in place of samples (what a perfect model scores)
   eval/sample_class_acc    share of samples of class c the evaluator labels c (class-conditional models)
   eval/precision, recall   k-NN precision/recall on evaluator features
   eval/evaluator_test_acc  the evaluator's own test accuracy (is it competent?)
   probe/{linear,knn}/best, probe/linear/best_block   the headline of the probes
-  probe_grid/{linear,knn}/block{k}/t{level}          every cell (the heatmap's numbers)
+  probe_grid/{linear,knn}/t{level}_block{k}          every cell (the heatmap's numbers), one section per kind
   loss_by_t/t{lo}-{hi}, loss_by_t/overall            held-out loss per t interval [lo, hi)
   timing/eval/*_seconds, timing/eval/cpu_seconds, timing/eval/generated_samples
                            the cost of this evaluation (wall; CPU of this process; samples generated)
@@ -330,7 +330,7 @@ def probe_metrics(results: ProbeResults) -> dict[str, float]:
             continue
         for row, block in enumerate(results.blocks):
             for col, level in enumerate(results.levels):
-                metrics[f"probe_grid/{kind}/block{block}/{level_name(level)}"] = float(table[row, col])
+                metrics[f"probe_grid/{kind}/{level_name(level)}_block{block}"] = float(table[row, col])
         metrics[f"probe/{kind}/best"] = results.best(kind)[0]
     metrics["probe/linear/best_block"] = float(results.best("linear")[1])
     return metrics

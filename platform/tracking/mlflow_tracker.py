@@ -38,6 +38,9 @@ from selfflow.platform.tracking.provenance import git_commit  # noqa: F401  (re-
 from selfflow.platform.tracking.journal import Record, TrackingJournal, journal_path
 
 DEFAULT_EXPERIMENT = "selfflow"
+# MLflow 3's UI opens an experiment in its GenAI layout unless this experiment tag says otherwise.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 _METRIC_BATCH = 1000
 _PROBE_TIMEOUT_S = 5
 _SEND_TIMEOUT_S = 10
@@ -353,17 +356,30 @@ class MLflowTracker:
             reason = _first_line(error).removeprefix(f"MLflow probe failed at {uri}: ")
             raise UserError(f"MLflow tracking store unreachable at {uri}: {reason}") from None
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND) is None:
+                self._mark_model_training(found.experiment_id)
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:"):
             location = (Path(runs_dir).resolve() / "artifacts").as_uri()
         try:
-            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location),
-                                 "create_experiment", uri, 30.0)
+            experiment_id = _retry_locked(
+                lambda: self.client.create_experiment(name, artifact_location=location,
+                                                      tags={EXPERIMENT_KIND: MODEL_TRAINING}),
+                "create_experiment", uri, 30.0)
         except UserError:
             # Another process created it between our lookup and create.
-            return _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
-                                 "get_experiment", uri, 30.0)
+            experiment_id = _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
+                                          "get_experiment", uri, 30.0)
+        return experiment_id
+
+    def _mark_model_training(self, experiment_id: str) -> None:
+        """An experiment made elsewhere: tell the UI it holds model training, not GenAI traces."""
+        try:
+            with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        except Exception as error:  # cosmetic: the UI then asks which kind the experiment is
+            _warn(f"cannot tag MLflow experiment {experiment_id} as model training: {_first_line(error)}")
 
     def log_params(self, params: Mapping[str, object], where: str = "") -> None:
         """Params the run does not have yet (a resumed run keeps its own), within MLflow's length

@@ -56,7 +56,7 @@ class LogOperativeConfig:
 
 class SampleGrid:
     """A grid of EMA samples from fixed noise (one row per class) at every eval step: the PNG as the
-    step image `samples` (`samples/<modality>` in a mixture; the UI's image view slides over steps
+    step image `samples/grid` (`samples/<modality>` in a mixture; the UI's image view slides over steps
     and puts runs side by side) and as a file in `samples/`, with a clip grid's GIF and an audio
     grid's wav beside it."""
 
@@ -74,9 +74,10 @@ class SampleGrid:
 
 
 def sample_image_key(path: Path) -> str:
-    """step-00000100.png -> samples; step-00000100-audio.png -> samples/audio."""
+    """step-00000100.png -> samples/grid; step-00000100-audio.png -> samples/audio (the UI puts step
+    images in the chart section named by the key up to its last '/': here 'samples')."""
     modality = path.stem.split("-", 2)[2] if path.stem.count("-") >= 2 else ""
-    return "samples" + (f"/{modality}" if modality else "")
+    return f"samples/{modality or 'grid'}"
 
 
 def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:

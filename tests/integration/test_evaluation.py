@@ -44,7 +44,7 @@ def expected_metric_names() -> set[str]:
              "timing/eval/generated_samples", "probe/linear/best", "probe/knn/best", "probe/linear/best_block",
              "loss_by_t/overall"}
     names |= set(BUCKETS)
-    names |= {f"probe_grid/{kind}/block{block}/{level}" for kind in ("linear", "knn")
+    names |= {f"probe_grid/{kind}/{level}_block{block}" for kind in ("linear", "knn")
               for block in range(1, DEPTH + 1) for level in LEVELS}
     return names
 
@@ -78,14 +78,14 @@ def test_training_logs_every_metric_at_each_evaluation_step(trained):
     missing = expected_metric_names() - set(run.data.metrics)
     assert not missing, f"metrics not logged: {sorted(missing)}"
     assert BUCKETS[0] == "loss_by_t/t0.00-0.10" and BUCKETS[9] == "loss_by_t/t0.90-1.00"
-    for key in ("eval/fd", "probe_grid/linear/block3/t0.5", BUCKETS[9]):
+    for key in ("eval/fd", "probe_grid/linear/t0.5_block3", BUCKETS[9]):
         assert history_steps(client, result.mlflow_run_id, key) == [20, STEPS]
     metrics = run.data.metrics
     assert all(math.isfinite(metrics[key]) for key in expected_metric_names())
     # A few dozen steps are far from real data: the floor (real images) must score better.
     assert 0.0 <= metrics["eval/fd_data_floor"] < metrics["eval/fd"]
     for kind in ("linear", "knn"):  # "best" is the best cell of the block x level table
-        cells = [value for key, value in metrics.items() if key.startswith(f"probe_grid/{kind}/block")]
+        cells = [value for key, value in metrics.items() if key.startswith(f"probe_grid/{kind}/")]
         assert metrics[f"probe/{kind}/best"] == max(cells)
     # Ten equally filled buckets: their plain mean is the overall held-out loss.
     buckets = [metrics[name] for name in BUCKETS]
@@ -111,7 +111,7 @@ def test_training_writes_and_logs_the_artifacts(trained):
     from selfflow.platform.tracking.records import image_steps
 
     steps = image_steps(client, result.mlflow_run_id)
-    for key in ("eval/probe_heatmap", "eval/loss_by_t", "samples"):
+    for key in ("eval/probe_heatmap", "eval/loss_by_t", "samples/grid"):
         assert {(key, 20), (key, STEPS)} <= steps, key
 
 
@@ -134,7 +134,7 @@ def test_selfflow_eval_by_run_dir_without_tracking_is_reproducible(trained, caps
     # Fixed seeds: evaluating the same checkpoint again gives the same numbers.
     saved = json.loads((result.run_dir / "eval" / f"metrics-step{STEPS:08d}.json").read_text())["metrics"]
     final = client.get_run(result.mlflow_run_id).data.metrics
-    for key in ("eval/fd", "eval/sample_class_acc", "probe_grid/linear/block2/t0", BUCKETS[0]):
+    for key in ("eval/fd", "eval/sample_class_acc", "probe_grid/linear/t0_block2", BUCKETS[0]):
         assert saved[key] == pytest.approx(final[key], rel=1e-4, abs=1e-6)
 
 

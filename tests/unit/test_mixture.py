@@ -222,7 +222,7 @@ def test_compare_shows_each_modalitys_metrics_by_default():
     from selfflow.platform.tracking.compare import default_metrics, without_modality
 
     present = {"loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow", "eval/audio/fd", "eval/image/fd",
-               "probe/image/linear/best", "probe_grid/linear/block1/t0", "eval/audio/fd_data_floor"}
+               "probe/image/linear/best", "probe_grid/linear/t0_block1", "eval/audio/fd_data_floor"}
     assert default_metrics(present) == ["loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow",
                                         "eval/audio/fd", "eval/image/fd", "probe/image/linear/best"]
     assert default_metrics({"eval/fd", "loss/flow"}) == ["loss/flow", "eval/fd"]  # single modality: as before
