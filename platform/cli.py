@@ -266,11 +266,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = train(["demo.gin"], args.gin_param, run_dir=run_dir, runs_dir=args.runs, progress=True)
     _print_result(result)
     grids = sorted((result.run_dir / "samples").glob("*.png"))
-    uri = result.tracking_uri or ""
     print(f"sample grid:     {grids[-1] if grids else 'none'}  (row c = class c)")
-    print(f"MLflow UI:       make ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    for line in demo_summary(result.final_metrics):
+        print(line)
+    if result.mlflow_run_id:
+        print(f"MLflow run:      {mlflow_run_link(result.tracking_uri, result.mlflow_run_id)}  "
+              f"(start the UI first: make ui, or selfflow ui --runs {args.runs})")
     print(f"demo wall time:  {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def demo_summary(metrics: dict[str, float]) -> list[str]:
+    """The figures that say how good the demo model is (the newest evaluation's)."""
+    lines = []
+    if "eval/fd" in metrics:
+        floor = metrics.get("eval/fd_data_floor")
+        lines.append(f"FD:              {metrics['eval/fd']:.2f}" + (f"  (real-data floor {floor:.2f}; lower is better)"
+                                                                      if floor is not None else "  (lower is better)"))
+    if "eval/sample_class_acc" in metrics:
+        lines.append(f"class accuracy:  {metrics['eval/sample_class_acc']:.3f}  (samples the evaluator reads as "
+                     f"their requested digit)")
+    if "probe/linear/best" in metrics:
+        block = metrics.get("probe/linear/best_block")
+        lines.append(f"best probe:      {metrics['probe/linear/best']:.3f}  (linear probe accuracy"
+                     + (f", block {int(block)})" if block is not None else ")"))
+    return lines or ["evaluation:      none logged (EvalSuite.min_steps or EvalSuite.every skipped it)"]
+
+
+def mlflow_run_link(tracking_uri: str | None, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI (`ui`: where `make ui` serves; a server store links to itself)."""
+    from mlflow.tracking import MlflowClient
+
+    base = tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith(("http://", "https://")) else ui
+    try:
+        experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the link is a convenience: the run id alone still finds the run
+        return f"run {run_id} ({tracking_uri})"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -284,7 +316,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"mlflow run:      {result.mlflow_run_id}  ({result.tracking_uri})")
     for key in sorted(result.metrics):
-        if not key.startswith(("probe/linear/block", "probe/knn/block")):
+        if not key.startswith("probe_grid/"):
             print(f"  {key:<28} {result.metrics[key]:.4f}")
     print(f"artifacts:       {result.run_dir / 'eval'}")
     return 0
@@ -304,22 +336,18 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def ui_command(runs: str, host: str, port: int, tracking_uri: str | None = None) -> list[str]:
-    """The `mlflow ui` command line for a runs folder (127.0.0.1 unless a host is given)."""
+    """The `mlflow server` command line `selfflow ui` runs for a runs folder (platform/tracking/ui.py)."""
     from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import server_command
 
-    mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri",
-            tracking_uri or default_tracking_uri(runs), "--host", host, "--port", str(port)]
+    return server_command(tracking_uri or default_tracking_uri(runs), host, port)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    command = ui_command(args.runs, args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"selfflow: warning: serving MLflow on {args.host}: anyone who can reach this machine can read "
-              f"and change the runs", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port}  ({command[3]})", flush=True)
-    os.execvp(command[0], command)  # replaces this process: Ctrl-C stops the UI
-    return 0
+    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import serve
+
+    return serve(default_tracking_uri(args.runs), args.host, args.port)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -459,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to keep retrying an unanswering store")
     p.set_defaults(func=_cmd_sync)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (on 127.0.0.1 unless --host says otherwise)")
+    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (one worker, on 127.0.0.1 unless --host says "
+                                  "otherwise); Ctrl-C stops it and everything it started")
     p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the runs")
     p.add_argument("--port", type=int, default=5000)

@@ -34,10 +34,11 @@ from selfflow.platform import host
 from selfflow.platform.config import bootstrap as gin_config
 from selfflow.platform.config.devices import parse_device, resolve_device
 from selfflow.platform.errors import DEBUG_ENV, ConfigError, TrainingError, UserError, debug_enabled, first_line
-from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, git_commit, tracking_uri_for
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, tracking_uri_for
+from selfflow.platform.tracking.provenance import unique_run_name
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train import run_folder
-from selfflow.platform.train.driver import PreparedRun, RunResult, RunSpec, prepare, run_training
+from selfflow.platform.train.driver import PreparedRun, RunResult, RunSpec, launch_tags, prepare, run_training
 from selfflow.platform.train.interrupts import RunInterrupted
 from selfflow.platform.train.parallel import ddp_wrapper
 
@@ -246,13 +247,13 @@ def train_distributed(
         check_sqlite_store(uri)
     prepared = prepare(gin_files, gin_params, run_dir=run_dir, runs_dir=runs_dir, resume=resume, tracking_uri=uri)
     try:
-        return _launch(prepared, scaling, runs_dir=runs_dir, resume=resume, tracking_uri=uri,
+        return _launch(prepared, scaling, gin_files, gin_params, runs_dir=runs_dir, resume=resume, tracking_uri=uri,
                        experiment_name=experiment_name, parent_run_id=parent_run_id, progress=progress)
     finally:
         run_folder.release(prepared.run_dir)
 
 
-def _launch(prepared: PreparedRun, scaling: Scaling, *, runs_dir, resume: bool, tracking_uri: str | None,
+def _launch(prepared: PreparedRun, scaling: Scaling, gin_files: Sequence[str], gin_params: Sequence[str], *, runs_dir, resume: bool, tracking_uri: str | None,
             experiment_name: str | None, parent_run_id: str | None, progress: bool) -> RunResult:
     from selfflow.platform.scale import ray_cluster
 
@@ -269,13 +270,14 @@ def _launch(prepared: PreparedRun, scaling: Scaling, *, runs_dir, resume: bool, 
     cluster = ray_cluster.connect(worker_env=worker_environment(host_preset))
     ray_cluster.check_fits(cluster, scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker,
                            "distributed training")
-    uri, run_id, launcher_tracker = tracking_uri, None, None
+    uri, run_id, launcher_tracker, tags = tracking_uri, None, None, {}
     if uri:
+        tags = launch_tags(gin_files, gin_params, extra=f"Data-parallel on {scaling.workers} Ray Train workers.")
         # The launcher opens the run (and resolves the experiment) once; workers only reopen it by id.
         launcher_tracker = MLflowTracker(
             tracking_uri=uri, experiment=experiment_name or "selfflow",
-            run_id=(state or {}).get("mlflow_run_id") or None, run_name=name,
-            tags={"git_commit": git_commit(), "run_dir": str(run_dir), "workers": str(scaling.workers)},
+            run_id=(state or {}).get("mlflow_run_id") or None, run_name=unique_run_name(name),
+            tags={"run_dir": str(run_dir), "workers": str(scaling.workers), **tags},
             parent_run_id=parent_run_id, runs_dir=runs_dir,
         )
         run_id = launcher_tracker.run_id
@@ -283,8 +285,9 @@ def _launch(prepared: PreparedRun, scaling: Scaling, *, runs_dir, resume: bool, 
             launcher_tracker.log_params(gin_config.flatten_config(config_str))
         launcher_tracker.log_params({"ray.workers": scaling.workers, "ray.cpus_per_worker": scaling.cpus_per_worker,
                                      "ray.gpus_per_worker": scaling.gpus_per_worker})
+        launcher_tracker.flush(10.0)  # the launcher has no journal: deliver before the workers start
     spec = RunSpec(config_str=config_str, run_dir=str(run_dir), cwd=os.getcwd(), tracking_uri=uri,
-                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id,
+                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id, tags=tags,
                    threads=max(1, int(scaling.cpus_per_worker)), progress=progress,
                    resume_changes=prepared.resume_changes)
     trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}")

@@ -1,5 +1,6 @@
 """`selfflow compare`: runs grouped by objective/config, final metrics as mean ± 95% interval
-over seeds, and metric-vs-step plots per group; printed and logged to MLflow.
+over seeds, and metric-vs-step plots per group; printed and logged to MLflow (the table also as
+an MLflow table, `compare/comparison.json`, which the UI shows as a table).
 
 Runs are chosen by a sweep's parent run (its children), an experiment, and/or an MLflow
 filter string. A run's group is its sweep group (tag `sweep.group`, i.e. its sampled
@@ -24,6 +25,7 @@ DEFAULT_METRICS = (
 )
 PLOT_PREFIXES = ("loss/", "eval/fd", "eval/sample_class_acc", "probe/linear/best", "probe/knn/best")
 EXCLUDED_ROLES = ("parent", "compare")
+TABLE_FILE = "compare/comparison.json"
 
 
 def without_modality(metric: str) -> str:
@@ -210,6 +212,18 @@ def plot_histories(histories: dict[str, dict[str, list]], folder: Path) -> list[
     return paths
 
 
+def table_columns(groups: list[GroupStats], metrics: Sequence[str]) -> dict[str, list]:
+    """The comparison as columns (an MLflow table): group, runs, seeds, then mean, ci95, n per metric."""
+    columns: dict[str, list] = {"group": [g.group for g in groups], "runs": [len(g.run_ids) for g in groups],
+                                "seeds": [" ".join(g.seeds) for g in groups]}
+    for metric in metrics:
+        stats = [g.mean_and_halfwidth(metric) for g in groups]
+        columns[f"{metric} mean"] = [mean if math.isfinite(mean) else None for mean, _, _ in stats]
+        columns[f"{metric} ci95"] = [half if math.isfinite(half) else None for _, half, _ in stats]
+        columns[f"{metric} n"] = [n for _, _, n in stats]
+    return columns
+
+
 def write_csv(groups: list[GroupStats], metrics: Sequence[str], path: Path) -> Path:
     with atomic_path(path) as temp, open(temp, "w", newline="") as file:
         writer = csv.writer(file)
@@ -235,9 +249,10 @@ def compare_runs(
     log_new_run: bool = False,
     runs_dir: str | Path = "runs",
     show: bool = True,
+    tracker=None,
 ) -> Comparison:
-    """Compare runs; print the table; write table/CSV/plots to `out_dir`; log them to
-    `log_to_run` (e.g. the sweep's parent run) or, with `log_new_run`, to a new run."""
+    """Compare runs; print the table; write table/CSV/plots to `out_dir`; log them through `tracker`
+    (a sweep's parent run: its journal and queue), to `log_to_run`, or, with `log_new_run`, to a new run."""
     from mlflow.tracking import MlflowClient
 
     from selfflow.platform.tracking.mlflow_tracker import check_sqlite_store, default_tracking_uri
@@ -266,14 +281,23 @@ def compare_runs(
     plotted = sorted(m for m in present if m.startswith(PLOT_PREFIXES) or without_modality(m).startswith(PLOT_PREFIXES))
     files += plot_histories(_histories(client, groups, plotted), out_dir / "plots")
 
+    columns = table_columns(groups, chosen)
+    if tracker is not None:
+        for path in files:
+            tracker.log_artifact(path, "compare" if path.suffix != ".png" else "compare/plots")
+        tracker.log_table(columns, TABLE_FILE)
+        return Comparison(groups=groups, metrics=chosen, table=table, files=files)
     target = log_to_run
     if target is None and log_new_run:
         experiment_id = runs[0].info.experiment_id
         target = client.create_run(experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"sweep.role": "compare"}).info.run_id
     if target is not None:
+        from selfflow.platform.tracking.records import send_table
+
         for path in files:
             client.log_artifact(target, str(path), "compare" if path.suffix != ".png" else "compare/plots")
+        send_table(client, target, columns, TABLE_FILE)
         if log_new_run and target != log_to_run:
             client.set_terminated(target, "FINISHED")
     return Comparison(groups=groups, metrics=chosen, table=table, files=files)

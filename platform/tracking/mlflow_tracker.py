@@ -5,14 +5,17 @@ Only rank 0 constructs an MLflowTracker; other ranks get a NullTracker.
 Reliability (docs/reliability.md):
 - The store is probed when the tracker starts: unreachable means a one-line
   UserError naming the URI, before any training (HTTP retries are off for the probe).
-- Metrics, tags, artifacts and the final status go through an in-memory queue and,
+- Every record (metrics, params, tags, artifacts, text, step images, tables, dataset inputs and
+  the final status) goes through an in-memory queue and,
   when the tracker has a run folder, the append-only journal (platform/journal.py)
   first. A failed delivery starts an outage: training goes on, the queue is retried
   with backoff, and `finish` drains it. What is still undelivered stays in the
   journal for the next resume or `selfflow sync --run-dir`.
 - With a run folder, a run holds one value per (metric, step): values for a step
   the store already has are not sent again. A resumed run recomputes the steps after
-  its checkpoint; the ones delivered before the kill are not duplicated.
+  its checkpoint; the ones delivered before the kill are not duplicated. Step images
+  likewise hold one image per (key, step); the other record kinds are idempotent by
+  nature (platform/tracking/records.py).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import fcntl
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import deque
@@ -31,10 +33,14 @@ from typing import Iterator, Mapping
 
 from selfflow.platform.errors import UserError
 from selfflow.platform.tracking.base import NullTracker, Tracker  # noqa: F401  (re-exported)
+from selfflow.platform.tracking import records
+from selfflow.platform.tracking.provenance import git_commit  # noqa: F401  (re-exported)
 from selfflow.platform.tracking.journal import Record, TrackingJournal, journal_path
 
 DEFAULT_EXPERIMENT = "selfflow"
-_PARAM_BATCH = 100  # MLflow's log_batch limit on params per call
+# MLflow 3's UI opens an experiment in its GenAI layout unless this experiment tag says otherwise.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 _METRIC_BATCH = 1000
 _PROBE_TIMEOUT_S = 5
 _SEND_TIMEOUT_S = 10
@@ -65,17 +71,6 @@ def default_tracking_uri(runs_dir: str | os.PathLike = "runs") -> str:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         Path(runs_dir).resolve().mkdir(parents=True, exist_ok=True)
     return uri
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=5, check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def quiet_mlflow() -> None:
@@ -221,6 +216,7 @@ class _Delivery:
         self.root = Path(root).resolve() if root is not None else None
         self.queue: deque[Record] = deque()
         self.present: dict[str, set[tuple[str, int]]] = {}  # run id -> (key, step) in the store
+        self.images: dict[str, set[tuple[str, int]]] = {}  # run id -> (image key, step) in the store
         self.stats = DeliveryStats()
         self.backoff = 0.0
         self.next_attempt = 0.0
@@ -293,6 +289,11 @@ class _Delivery:
             self.present[run_id] = found
         return self.present[run_id]
 
+    def _images_for(self, run_id: str) -> set[tuple[str, int]]:
+        if run_id not in self.images:
+            self.images[run_id] = records.image_steps(self.client, run_id)
+        return self.images[run_id]
+
     def _send(self, record: Record) -> None:
         from mlflow.entities import Metric, RunTag
 
@@ -316,6 +317,18 @@ class _Delivery:
         elif record.op == "artifact":
             path, artifact_path = self._artifact(record)
             self.client.log_artifact(record.run_id, str(path), artifact_path)
+        elif record.op == "params":
+            records.send_params(self.client, record.run_id, payload["params"])
+        elif record.op == "text":
+            records.send_text(self.client, record.run_id, payload["text"], payload["artifact_file"])
+        elif record.op == "image":
+            present = self._images_for(record.run_id) if self.dedupe else None
+            records.send_image(self.client, record.run_id, payload["path"], payload["key"], payload["step"],
+                               payload["time"], present)
+        elif record.op == "table":
+            records.send_table(self.client, record.run_id, payload["columns"], payload["artifact_file"])
+        elif record.op == "dataset":
+            records.send_dataset(self.client, record.run_id, payload["dataset"])
         elif record.op == "status":
             self.client.set_terminated(record.run_id, status=payload["status"])
         else:
@@ -415,6 +428,7 @@ class MLflowTracker:
                 )
                 self.run_id = run.info.run_id
                 self.delivery.present[self.run_id] = set()  # a new run has no metrics yet
+                self.delivery.images[self.run_id] = set()  # nor images
 
     def _experiment_id(self, name: str, runs_dir) -> str:
         uri = self.tracking_uri
@@ -425,32 +439,36 @@ class MLflowTracker:
             reason = _first_line(error).removeprefix(f"MLflow probe failed at {uri}: ")
             raise UserError(f"MLflow tracking store unreachable at {uri}: {reason}") from None
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND) is None:
+                self._mark_model_training(found.experiment_id)
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:"):
             location = (Path(runs_dir).resolve() / "artifacts").as_uri()
         try:
-            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location),
-                                 "create_experiment", uri, 30.0)
+            experiment_id = _retry_locked(
+                lambda: self.client.create_experiment(name, artifact_location=location,
+                                                      tags={EXPERIMENT_KIND: MODEL_TRAINING}),
+                "create_experiment", uri, 30.0)
         except UserError:
             # Another process created it between our lookup and create.
-            return _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
-                                 "get_experiment", uri, 30.0)
+            experiment_id = _retry_locked(lambda: self.client.get_experiment_by_name(name).experiment_id,
+                                          "get_experiment", uri, 30.0)
+        return experiment_id
 
-    def log_params(self, params: Mapping[str, object]) -> None:
-        from mlflow.entities import Param
+    def _mark_model_training(self, experiment_id: str) -> None:
+        """An experiment made elsewhere: tell the UI it holds model training, not GenAI traces."""
+        try:
+            with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        except Exception as error:  # cosmetic: the UI then asks which kind the experiment is
+            _warn(f"cannot tag MLflow experiment {experiment_id} as model training: {_first_line(error)}")
 
-        uri = self.tracking_uri
-        with _http_limits(retries=0, timeout=_SEND_TIMEOUT_S):
-            existing = _retry_locked(lambda: self.client.get_run(self.run_id).data.params, "get_run", uri)
-            items = [
-                Param(key[:250], str(value)[:6000])
-                for key, value in params.items()
-                if key[:250] not in existing  # a resumed run may not re-log params
-            ]
-            for start in range(0, len(items), _PARAM_BATCH):
-                batch = items[start:start + _PARAM_BATCH]
-                _retry_locked(lambda: self.client.log_batch(self.run_id, params=batch), "log_params", uri)
+    def log_params(self, params: Mapping[str, object], where: str = "") -> None:
+        """Params the run does not have yet (a resumed run keeps its own), within MLflow's length
+        limits (`where`: the artifact holding the full text of values that had to be cut)."""
+        if params:
+            self.delivery.submit("params", self.run_id, params=records.param_items(params, where))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         values = {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
@@ -461,7 +479,26 @@ class MLflowTracker:
         self.delivery.submit("artifact", self.run_id, path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.delivery.submit("tags", self.run_id, tags={key: str(value) for key, value in tags.items()})
+        self.delivery.submit("tags", self.run_id, tags={key: records.tag_value(value) for key, value in tags.items()})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (a .txt name makes the UI preview it)."""
+        self.delivery.submit("text", self.run_id, text=text, artifact_file=artifact_file)
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """A PNG on disk as the step image `key` at `step` (the UI's image view: a step slider, and
+        side by side across runs). The file must stay until the record is delivered."""
+        self.delivery.submit("image", self.run_id, path=str(Path(path).resolve()), key=key, step=int(step),
+                             time=int(time.time() * 1000))
+
+    def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
+        """A table (column name -> values) as MLflow's table artifact (`artifact_file` ends in .json)."""
+        self.delivery.submit("table", self.run_id, columns={key: list(values) for key, values in columns.items()},
+                             artifact_file=artifact_file)
+
+    def log_dataset(self, dataset: Mapping[str, object]) -> None:
+        """A dataset input of the run: {name, digest, source_type, source, profile?, schema?, context}."""
+        self.delivery.submit("dataset", self.run_id, dataset=dict(dataset))
 
     def flush(self, seconds: float = 0.0) -> bool:
         """Try to deliver everything queued now (for up to `seconds`); True if nothing is left."""

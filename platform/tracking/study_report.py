@@ -53,7 +53,7 @@ def default_mode(metric: str) -> str | None:
     last = metric.split("/")[-1]
     if metric.startswith(("loss/", "loss_by_t/")) or last in ("fd", "fad", "fvd") or last.startswith("fd"):
         return "min"
-    if metric.startswith("probe/") or "acc" in last or last in ("precision", "recall"):
+    if metric.startswith(("probe/", "probe_grid/")) or "acc" in last or last in ("precision", "recall"):
         return "max"
     return None
 
@@ -486,7 +486,9 @@ def plot_scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, s
 # ---- tables -----------------------------------------------------------------------------------------
 
 
-PROBE_NAME = re.compile(r"^probe/(?:(?P<modality>[^/]+)/)?(?P<kind>linear|knn)/block(?P<block>\d+)/t(?P<level>[0-9.e-]+)$")
+# One probe cell as the evaluation suite logs it: probe_grid[/<modality>]/<kind>/t<level>_block<k>.
+PROBE_NAME = re.compile(
+    r"^probe_grid/(?:(?P<modality>[^/]+)/)?(?P<kind>linear|knn)/t(?P<level>[0-9.e-]+)_block(?P<block>\d+)$")
 
 
 def metric_table(cells: Cells, table: TableSpec) -> list[str]:

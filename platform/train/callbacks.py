@@ -16,6 +16,7 @@ from selfflow.components.files import write_text_atomic
 from selfflow.platform.evaluate.generation import class_grid_labels, generate
 from selfflow.platform.evaluate.media import save_sample_grid
 from selfflow.platform.evaluate.modalities import PrefixedTracker
+from selfflow.platform.train.run_tracking import record_operative
 
 log = logging.getLogger("selfflow.evaluation")
 
@@ -66,7 +67,8 @@ class CheckpointRetention:
 
 
 class LogOperativeConfig:
-    """After the first step, gin knows every parameter actually used: save and log it."""
+    """After the first step, gin knows every parameter actually used, defaults included: save it, log
+    it (as the file and as readable text), log each binding as a param, and the parameter counts."""
 
     def __init__(self):
         self.done = False
@@ -75,12 +77,17 @@ class LogOperativeConfig:
         if self.done or trainer.rank != 0:
             return
         self.done = True
-        path = write_text_atomic(trainer.run_dir / "operative_config.gin", gin.operative_config_str())
+        operative = gin.operative_config_str()
+        path = write_text_atomic(trainer.run_dir / "operative_config.gin", operative)
         trainer.tracker.log_artifact(path)
+        record_operative(trainer.tracker, trainer, operative)
 
 
 class SampleGrid:
-    """A grid of EMA samples from fixed noise (one row per class) at every eval step."""
+    """A grid of EMA samples from fixed noise (one row per class) at every eval step: the PNG as the
+    step image `samples/grid` (`samples/<modality>` in a mixture; the UI's image view slides over steps
+    and puts runs side by side) and as a file in `samples/`, with a clip grid's GIF and an audio
+    grid's wav beside it."""
 
     def __init__(self, every: int):
         self.every = every
@@ -91,6 +98,15 @@ class SampleGrid:
             return
         for path in write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step):
             trainer.tracker.log_artifact(path, "samples")
+            if path.suffix == ".png":
+                trainer.tracker.log_image(path, sample_image_key(path), trainer.step)
+
+
+def sample_image_key(path: Path) -> str:
+    """step-00000100.png -> samples/grid; step-00000100-audio.png -> samples/audio (the UI puts step
+    images in the chart section named by the key up to its last '/': here 'samples')."""
+    modality = path.stem.split("-", 2)[2] if path.stem.count("-") >= 2 else ""
+    return f"samples/{modality or 'grid'}"
 
 
 def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:

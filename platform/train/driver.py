@@ -28,12 +28,14 @@ from selfflow.platform.config.devices import resolve_device
 from selfflow.platform.config.experiment import Experiment, build_from_gin, train_config_from_gin
 from selfflow.platform.errors import CheckpointError, TrainingError, UserError, first_line, write_traceback
 from selfflow.platform.tracking.base import NullTracker
-from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, git_commit, tracking_uri_for
+from selfflow.platform.tracking import provenance
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, tracking_uri_for
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train import run_folder
 from selfflow.platform.train.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid, evaluation_callbacks
 from selfflow.platform.train.interrupts import RunInterrupted, StopOnSignal, stop_at_step_end
 from selfflow.platform.train.parallel import ReplicaCheck
+from selfflow.platform.train.run_tracking import record_start, run_tracking, tracking_callbacks
 from selfflow.platform.train.trainer import MetricMemory, Trainer
 
 
@@ -43,7 +45,8 @@ class RunSpec:
 
     config_str: gin's config after the launcher parsed files + bindings; overrides: bindings applied
     on top in the training process (a sweep trial's sampled values). mlflow_run_id: the run the
-    launcher opened (None: `run_training` opens one when tracking_uri is set). threads: torch
+    launcher opened (None: `run_training` opens one when tracking_uri is set). tags: the run's MLflow
+    tags from the launcher (its provenance: platform/tracking/provenance.py). threads: torch
     intra-op threads when TrainConfig.num_threads is 0 (0: torch's default).
     """
 
@@ -82,12 +85,13 @@ def experiment_name_in_config() -> str:
         return "experiment"
 
 
-def standard_callbacks(experiment: Experiment) -> list:
+def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = ()) -> list:
     """The callbacks every training run uses, in order: the replica check, then the checkpoint
     (the trained state is on disk before anything optional runs), then the optional ones (operative
-    config, sample grid, evaluation), then checkpoint retention (it may rank by a metric evaluation
-    just logged). Callbacks added after these (reports to Ray) may rely on this step's checkpoint.
-    StopOnSignal comes first and last: a SIGINT/SIGTERM ends the run at the end of its step."""
+    config, sample grid, evaluation, `extra` such as system metrics), then checkpoint retention (it
+    may rank by a metric evaluation just logged). Callbacks added after these (reports to Ray) may
+    rely on this step's checkpoint. StopOnSignal comes first and last: a SIGINT/SIGTERM ends the run
+    at the end of its step."""
     checkpoints = CheckpointEvery(experiment.train.checkpoint_every, defer_retention=True)
     return [
         StopOnSignal(),
@@ -96,6 +100,7 @@ def standard_callbacks(experiment: Experiment) -> list:
         LogOperativeConfig(),
         SampleGrid(experiment.train.eval_every),
         *evaluation_callbacks(experiment.evaluation),
+        *extra,
         checkpoints.retention,
         StopOnSignal(),
     ]
@@ -275,11 +280,9 @@ def open_tracker(spec: RunSpec, experiment: Experiment, run_dir: Path, state: di
         return NullTracker()
     run_id = spec.mlflow_run_id or (state or {}).get("mlflow_run_id") or None
     tracker = MLflowTracker(tracking_uri=spec.tracking_uri, experiment=spec.experiment_name, run_id=run_id,
-                            run_name=experiment.name, parent_run_id=spec.parent_run_id, journal_dir=run_dir,
-                            tags=dict(experiment.tags, git_commit=git_commit(), run_dir=str(run_dir.resolve()),
-                                      **spec.tags))
-    if run_id is None:
-        tracker.log_params(gin_config.flatten_config(spec.config_str))
+                            run_name=provenance.unique_run_name(experiment.name), parent_run_id=spec.parent_run_id,
+                            journal_dir=run_dir, tags=dict(experiment.tags, **spec.tags))
+    record_start(tracker, experiment, run_dir.resolve(), spec.tags)
     return tracker
 
 
@@ -299,7 +302,9 @@ def _run_training(spec: RunSpec, *, rank: int, world_size: int, restored, extra_
     clean_interrupted_writes(run_dir)
     source, state = restored if restored is not None else ckpt.load_latest(run_dir / "checkpoints")
 
-    callbacks = standard_callbacks(experiment) + list(extra_callbacks) + list(experiment.callbacks)
+    options = run_tracking()  # on every rank: gin's operative config then lists RunTracking everywhere
+    tracked = tracking_callbacks(options) if rank == 0 else []
+    callbacks = standard_callbacks(experiment, tracked) + list(extra_callbacks) + list(experiment.callbacks)
     data = experiment.data.loader(batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
     trainer = Trainer(experiment, data, run_dir, callbacks=callbacks, rank=rank, world_size=world_size,
                       wrap_module=wrap_module, progress=spec.progress and rank == 0,
@@ -320,6 +325,8 @@ def _run_training(spec: RunSpec, *, rank: int, world_size: int, restored, extra_
                 print(f"selfflow: rank {rank} resumed from {source} at step {trainer.step}", flush=True)
         with stop_at_step_end():
             final = trainer.fit()
+        # The newest value of every metric logged (evaluation's too), the last training log's winning.
+        final = {**{key: value for key, (_, value) in trainer.tracker.latest.items()}, **final}
         status = "FINISHED"
     except KeyboardInterrupt as interrupt:  # SIGINT / SIGTERM (platform/train/interrupts.py)
         status = "KILLED"
@@ -334,6 +341,8 @@ def _run_training(spec: RunSpec, *, rank: int, world_size: int, restored, extra_
         keep_traceback(error, run_dir if rank == 0 else run_dir / f"rank{rank}")
         raise
     finally:
+        for callback in tracked:
+            callback.close()
         tracker.finish(status)
     return RunResult(run_dir=run_dir, mlflow_run_id=tracker.run_id, final_metrics=final,
                      checkpoint=ckpt.latest(run_dir / "checkpoints"), tracking_uri=spec.tracking_uri)
@@ -361,8 +370,21 @@ def train(
         spec = RunSpec(
             config_str=prepared.config_str, run_dir=str(prepared.run_dir), cwd=os.getcwd(), tracking_uri=uri,
             experiment_name=experiment_name or "selfflow", parent_run_id=parent_run_id, progress=progress,
-            resume_changes=prepared.resume_changes,
+            resume_changes=prepared.resume_changes, tags=launch_tags(gin_files, gin_params) if uri else {},
         )
         return run_training(spec)
     finally:
         run_folder.release(prepared.run_dir)
+
+
+def launch_tags(gin_files: Sequence[str], gin_params: Sequence[str], extra: str = "") -> dict[str, str]:
+    """The provenance tags of a run this process launches, its description taken from the header
+    comment of the experiment's gin file (the first file that has one)."""
+    resolved = []
+    for name in gin_files:
+        try:
+            resolved.append(gin_config.resolve_config_file(name))
+        except UserError:  # parse() already checked the files; a vanished one just has no header
+            continue
+    header = provenance.first_header(resolved)
+    return provenance.source_tags(gin_files, gin_params, provenance.describe(header, gin_files, gin_params, extra))

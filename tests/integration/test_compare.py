@@ -68,6 +68,18 @@ def test_compare_by_parent_groups_seeds_and_logs(sweep_runs, tmp_path, capsys):
     assert {"compare/comparison.txt", "compare/comparison.csv", "compare/plots"} <= logged
     assert {a.path for a in client.list_artifacts(parent, "compare/plots")} == {
         "compare/plots/loss_flow.png", "compare/plots/eval_fd.png"}
+    # The same table as an MLflow table (the UI's table view): one row per group.
+    import json
+
+    raw = json.loads(open(client.download_artifacts(parent, "compare/comparison.json", str(tmp_path / "t"))).read())
+    rows = {row[0]: dict(zip(raw["columns"], row)) for row in raw["data"]}
+    assert set(rows) == set(FINAL)
+    for group, finals in FINAL.items():
+        mean, half = mean_interval(finals)
+        assert rows[group]["loss/flow mean"] == pytest.approx(mean) and rows[group]["loss/flow ci95"] == pytest.approx(half)
+        assert rows[group]["runs"] == 3 and rows[group]["loss/flow n"] == 3
+    tags = client.get_run(parent).data.tags
+    assert {"path": "compare/comparison.json", "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
 
 
 def test_compare_by_filter_and_experiment(sweep_runs, tmp_path):
