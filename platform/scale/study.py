@@ -587,6 +587,7 @@ def run_study(study: Study, *, sections: Sequence[str] | None = None, tracking_u
                        "tags": trial_tags(study, sweep, t), "bindings": t["bindings"]} for t in missing]
             result = run_sweep(None, spec=sweep.spec, points=points, runs_dir=study.runs_dir,
                                sweep_dir=sitting / sweep.name, tracking_uri=store.tracking_uri, compare=False,
+                               description=sweep.description,
                                parent_tags={store_tags.TAG_STUDY: study.spec.name,
                                             store_tags.TAG_BUDGET: study.budget, store_tags.TAG_SWEEP: sweep.name})
             ran[sweep.name] = result

@@ -495,10 +495,12 @@ def run_sweep(
     spec: SweepSpec | None = None,
     points: Sequence[dict] | None = None,
     parent_tags: dict[str, str] | None = None,
+    description: str = "",
 ) -> SweepResult:
     """Run the sweep of a file (or a ready `spec`). `points`: run exactly these trials instead of the
     spec's space, each {'sampled': {binding: value, TrainConfig.seed: n}, 'run_dir': folder, 'tags':
-    {...}, 'bindings': [extra bindings, applied last]} (what platform/scale/study.py passes)."""
+    {...}, 'bindings': [extra bindings, applied last]} (what platform/scale/study.py passes);
+    `description` stands for the file's header comment on the parent run when there is no file."""
     from ray import tune
 
     from selfflow.platform.scale import ray_cluster
@@ -581,7 +583,10 @@ def run_sweep(
         parent.log_metrics({"sweep/trials": len(outcomes), "sweep/failed": len(result.failed),
                             "sweep/wall_s": result.wall_s}, step=0)
         parent.log_artifact(summary, "sweep")
-        describe_children(parent, spec, outcomes, gin_config.resolve_config_file(path))
+        from selfflow.platform.tracking.provenance import first_header
+
+        header = first_header([gin_config.resolve_config_file(path)]) if path else description
+        describe_children(parent, spec, outcomes, header)
     if compare and parent_id:
         from selfflow.platform.tracking.compare import compare_runs
 
@@ -621,12 +626,10 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
     )
 
 
-def describe_children(parent, spec: SweepSpec, outcomes: list[TrialOutcome], path) -> None:
-    """The parent's description (the sweep file's header comment, then a link to every child run)
-    and the trials as a table (`sweep/trials.json`)."""
+def describe_children(parent, spec: SweepSpec, outcomes: list[TrialOutcome], header: str) -> None:
+    """The parent's description (`header`: the sweep file's header comment, or a study sweep's
+    description; then a link to every child run) and the trials as a table (`sweep/trials.json`)."""
     from mlflow.tracking import MlflowClient
-
-    from selfflow.platform.tracking.provenance import first_header
 
     client = MlflowClient(tracking_uri=parent.tracking_uri)
     names = {}
@@ -643,7 +646,6 @@ def describe_children(parent, spec: SweepSpec, outcomes: list[TrialOutcome], pat
                 if t.run_id else t.trial_id)
         metric = f"{t.metric:.4g}" if t.metric is not None else "-"
         rows.append(f"| {link} | `{t.group}` | {t.seed} | {t.status} | {t.steps} | {metric} |")
-    header = first_header([path])
     note = "\n\n".join(part for part in (header, f"**{len(outcomes)} trials** (child runs):", "\n".join(rows)) if part)
     parent.set_tags({"mlflow.note.content": note})
     parent.log_table({
