@@ -63,15 +63,18 @@ def plain_error(error: BaseException) -> Exception:
 
 
 class FrameworkReport:
-    """Hands metrics (and the checkpoint just written) to Ray Train or Tune.
+    """Hands metrics (and the newest checkpoint written since the last report) to Ray Train or Tune.
 
     Runs on every rank at the same steps (log steps, checkpoint steps, the last step):
     `ray.train.report` is a collective. Must come after CheckpointEvery in the callbacks.
+    Checkpoints are written on a background thread: one still being written is reported at a
+    later report step (the last step's is waited for).
     """
 
     def __init__(self, report: ReportFn, verbose: bool = False):
         self.report = report
         self.verbose = verbose
+        self.reported: Path | None = None
 
     def on_step_end(self, trainer, logs) -> None:
         config = trainer.config
@@ -84,8 +87,12 @@ class FrameworkReport:
         if self.verbose and trainer.rank == 0:
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss/total", "train/samples_per_s") if k in metrics)
             print(f"selfflow: step {trainer.step}/{config.steps} {shown}", flush=True)
-        path = ckpt.step_path(trainer.checkpoint_dir, trainer.step) if saved and trainer.rank == 0 else None
-        self.report(metrics, path if path is not None and path.is_file() else None)
+        path = trainer.writer.completed if trainer.rank == 0 else None
+        if path is not None and (path == self.reported or not path.is_file()):
+            path = None
+        if path is not None:
+            self.reported = path
+        self.report(metrics, path)
 
 
 def report_with_checkpoint(report_fn: Callable[..., None], checkpoint_cls) -> ReportFn:

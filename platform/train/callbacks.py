@@ -21,7 +21,8 @@ log = logging.getLogger("selfflow.evaluation")
 
 
 class CheckpointEvery:
-    """Save full state every `every` steps and at the last step (rank 0 only)."""
+    """Save full state every `every` steps and at the last step (rank 0 writes, on a background
+    thread; the last checkpoint is waited for, so that it is complete when the run ends)."""
 
     def __init__(self, every: int):
         self.every = every
@@ -31,6 +32,7 @@ class CheckpointEvery:
         if last or (self.every and trainer.step % self.every == 0):
             path = trainer.save_checkpoint()
             if last and path is not None:
+                trainer.writer.wait()
                 pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
                 trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
                 trainer.tracker.log_artifact(pointer)

@@ -178,7 +178,8 @@ def run_training(
         if run_id is None:
             tracker.log_params(gin_config.flatten_config(spec.config_str))
     callbacks = standard_callbacks(experiment) + list(extra_callbacks) + list(experiment.callbacks)
-    data = experiment.data.loader(batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
+    layout = config.layout(world_size)  # the global batch over the workers: a one-line error if it does not divide
+    data = experiment.data.loader(batch_size=layout.micro_batch, seed=config.seed, rank=rank, world_size=world_size)
     status = "FAILED"  # whatever fails from here on ends the MLflow run as FAILED
     try:
         trainer = Trainer(experiment, data, run_dir, tracker=tracker, callbacks=callbacks, rank=rank,
