@@ -98,23 +98,27 @@ class EvalCallback:
         self.announced = False
 
     def on_step_end(self, trainer, logs) -> None:
-        if trainer.rank != 0:
-            return
+        if trainer.rank == 0 and self.is_due(trainer):
+            self.evaluate(trainer)
+
+    def is_due(self, trainer) -> bool:
         min_steps = getattr(self.suite, "min_steps", 0)
         if trainer.config.steps < min_steps and not self.announced:
             self.announced = True
             log.warning("run of %d steps < EvalSuite.min_steps=%d: no evaluation (run `selfflow eval` on it)",
                         trainer.config.steps, min_steps)
-        if self.suite.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
-            self.evaluate(trainer)
+        return self.suite.due(trainer.step, trainer.config.steps, trainer.config.eval_every)
 
     def evaluate(self, trainer) -> None:
+        self.run_suite(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
+
+    def run_suite(self, experiment, model, step: int, tracker, run_dir) -> None:
+        """The suite on `model` at `step` (also what a background evaluation process runs)."""
         if self.modality is None:
-            self.suite.run(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
+            self.suite.run(experiment, model, step, tracker, run_dir)
             return
-        self.suite.run(trainer.experiment.view(self.modality), trainer.eval_model, trainer.step,
-                       PrefixedTracker(trainer.tracker, self.modality), trainer.run_dir,
-                       out_dir=Path(trainer.run_dir) / "eval" / self.modality)
+        self.suite.run(experiment.view(self.modality), model, step, PrefixedTracker(tracker, self.modality), run_dir,
+                       out_dir=Path(run_dir) / "eval" / self.modality)
 
 
 def evaluation_callbacks(evaluation: Any) -> list[EvalCallback]:

@@ -132,6 +132,15 @@ class Retention:
             keep.add(best)
         return keep
 
+    def record(self, step: int, value: float) -> None:
+        """A metric value that arrived after its checkpoint was saved (a background evaluation);
+        it counts from the next save on."""
+        if not self.metric or not math.isfinite(value) or not step_path(self.folder, step).is_file():
+            return
+        values = self.values()
+        values[step] = float(value)
+        self._write_values(values)
+
     def after_save(self, step: int, value: float | None) -> list[Path]:
         """Record the new checkpoint's metric value, delete what is no longer kept; returns the deleted."""
         values = self.values() if self.metric else {}

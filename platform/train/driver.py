@@ -31,6 +31,7 @@ from selfflow.platform.errors import TrainingError, UserError, write_traceback
 from selfflow.platform.tracking.base import NullTracker
 from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, git_commit
 from selfflow.platform.train import checkpoint as ckpt
+from selfflow.platform.train.background_eval import BackgroundEvaluation
 from selfflow.platform.train.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid, evaluation_callbacks
 from selfflow.platform.train.parallel import ReplicaCheck
 from selfflow.platform.train.trainer import Trainer
@@ -80,16 +81,15 @@ def experiment_name_in_config() -> str:
         return "experiment"
 
 
-def standard_callbacks(experiment: Experiment) -> list:
+def standard_callbacks(experiment: Experiment, world_size: int = 1) -> list:
     """The callbacks every training run uses. CheckpointEvery stays last: callbacks added after it
-    (reports to Ray) may rely on this step's checkpoint."""
-    return [
-        LogOperativeConfig(),
-        SampleGrid(experiment.train.eval_every),
-        *evaluation_callbacks(experiment.evaluation),
-        ReplicaCheck(),
-        CheckpointEvery(experiment.train.checkpoint_every),
-    ]
+    (reports to Ray) may rely on this step's checkpoint. TrainConfig.eval_mode 'background' (or
+    'auto' with more than one worker) moves the sample grid and evaluation to a separate process."""
+    config = experiment.train
+    evaluations: list = [SampleGrid(config.eval_every), *evaluation_callbacks(experiment.evaluation)]
+    if config.eval_mode == "background" or (config.eval_mode == "auto" and world_size > 1):
+        evaluations = [BackgroundEvaluation(config.eval_every, evaluations[1:], gin.config_str())]
+    return [LogOperativeConfig(), *evaluations, ReplicaCheck(), CheckpointEvery(config.checkpoint_every)]
 
 
 def rebuild_experiment(config_str: str, overrides: Sequence[str] = ()) -> Experiment:
@@ -177,7 +177,7 @@ def run_training(
                                           **spec.tags))
         if run_id is None:
             tracker.log_params(gin_config.flatten_config(spec.config_str))
-    callbacks = standard_callbacks(experiment) + list(extra_callbacks) + list(experiment.callbacks)
+    callbacks = standard_callbacks(experiment, world_size) + list(extra_callbacks) + list(experiment.callbacks)
     layout = config.layout(world_size)  # the global batch over the workers: a one-line error if it does not divide
     data = experiment.data.loader(batch_size=layout.micro_batch, seed=config.seed, rank=rank, world_size=world_size)
     status = "FAILED"  # whatever fails from here on ends the MLflow run as FAILED
