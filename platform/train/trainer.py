@@ -156,7 +156,8 @@ class RunningMeans:
         """(sums, steps counted, per-key counts) on the host: one device-to-host read."""
         if self._sums is None:
             sums, counts = self._restored
-            return dict(sums), int(self._count), dict(counts)
+            count = int(self._count)
+            return dict(sums), count, {key: int(counts.get(key, count)) for key in sums}
         values = torch.cat([self._sums.to(torch.float64), self._counts.to(torch.float64),
                             torch.as_tensor(self._count, dtype=torch.float64, device=self._sums.device).reshape(1)])
         host = values.tolist()
