@@ -318,8 +318,8 @@ class Trainer:
         their input's device)."""
         modality = raw.get("modality")
         cond = raw.get("y") if self.experiment.num_classes > 0 else None
-        if cond is not None and self.device.type != "cpu":
-            try:  # on the host: the label embedder checks CPU labels only
+        if cond is not None and (self.device.type != "cpu" or self.config.compile != "none"):
+            try:  # on the host: the label embedder checks CPU labels only, and not when compiled
                 check_label_range(cond, self.experiment.num_classes)
             except ValueError as error:
                 raise UserError(f"batch {error}") from None
@@ -602,10 +602,17 @@ class Trainer:
 
 def compile_modules(mode: str, module: TrainingModule, ema_model: nn.Module) -> None:
     """TrainConfig.compile: 'backbone' compiles the student and the EMA teacher (which sampling
-    uses too) in place (nn.Module.compile: state dict keys unchanged); 'step' also the objective."""
+    uses too) in place (nn.Module.compile: state dict keys unchanged); 'step' also the objective.
+
+    Asking for it also lets dynamo trace operators whose output size depends on values (a
+    process-wide dynamo setting): DiT's gathered modulation sizes its rows with torch.unique, which
+    would otherwise split every Self-Flow forward in two graphs."""
     if mode == "none":
         return
-    module.model.compile(dynamic=False)
-    ema_model.compile(dynamic=False)
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    module.model.compile()
+    ema_model.compile()
     if mode == "step":
-        module.objective.compile(dynamic=False)
+        module.objective.compile()
