@@ -36,7 +36,7 @@ _ATTENTION_TAKES_MASK = "attn_mask" in inspect.signature(Attention.forward).para
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, with (1 + scale) formed per conditioning row, not per token."""
-    # Not torch.addcmul: its backward measured 1.5-3x slower than mul + add's here (CPU).
+    # Not torch.addcmul: its backward was slower than mul + add's on the CPU (docs/performance.md).
     return x * one_plus_scale + shift
 
 
@@ -61,8 +61,7 @@ class TokenConditioning:
             return per_row.unsqueeze(1)
         if self.token_to_row is not None:
             # embedding, not index_select: the same gather with the same result, but its backward
-            # (a deterministic per-row sum) measured 345 us against index_select's index_add 661 us
-            # on a digits layer; spread + modulation forward and backward 3.35 ms against 3.57 ms.
+            # (a deterministic per-row sum) is cheaper than index_select's index_add (docs/performance.md).
             per_row = F.embedding(self.token_to_row, per_row)
         return per_row.view(self.batch, self.tokens, per_row.shape[-1])
 
@@ -71,8 +70,8 @@ class TokenConditioning:
         1 added to the scale parts.
 
         The "1 +" happens on the R rows, before spreading to tokens, so it costs R * D instead of
-        B * N * D per scale; the spreading stays one gather (one op: splitting it per part measured
-        ~5% slower with 2 OpenMP threads on digits, where each op pays a thread wake-up).
+        B * N * D per scale; the spreading stays one gather (splitting it per part costs one more
+        op per part, each paying an OpenMP thread wake-up on small shapes).
         """
         if not self.per_sample and self.token_to_row is None:  # one row per token: nothing to save
             chunks = list(self.to_tokens(per_row).chunk(parts, dim=-1))
@@ -97,8 +96,8 @@ class TokenRoute:
 
 
 # The MLP's activation. DiT/SiT use tanh-approximated GELU (keep it to load their weights); exact
-# (erf) GELU is the same function to within 5e-4 and, on this CPU build, 2x cheaper forward + backward
-# (BENCHMARKS.md, compute efficiency), so the CPU presets choose it.
+# (erf) GELU is the same function to within 5e-4 and was cheaper forward + backward on the CPU build
+# we measured (docs/performance.md), so the CPU presets choose it.
 MLP_ACTIVATIONS = {"gelu_tanh": partial(nn.GELU, approximate="tanh"), "gelu": nn.GELU}
 
 

@@ -77,7 +77,7 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
     if len(np.unique(y_train)) < 2:
         raise ValueError("probe train split has a single class: nothing to separate")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=regularization, max_iter=max_iter, random_state=seed))
-    # Problems this small only lose time to BLAS threads (50x slower on a busy 2-core machine).
+    # Problems this small only lose time to BLAS threads (much slower on a busy machine).
     with threadpool_limits(limits=1, user_api="blas"):
         probe.fit(x_train, y_train)
         return float((probe.predict(x_test) == y_test).mean())

@@ -14,10 +14,8 @@ place in the optimizer or in checkpoints (DINOv2-B would add 350 MB to each); it
 is moved to the batch's device on use.
 
 The encoder's no-grad forward needs nothing from the student's, so on a CPU with spare
-intra-op threads it runs on a second thread beside it (encoder_thread; teacher_thread.py).
-Measured (digits DiT-tiny, batch 128, loss + backward, 2 threads, PASSIVE, 20 interleaved
-rounds), with the thread over without it: 0.938x and 0.936x (small and large digit encoders)
-with a 192-wide head; 0.982x and 0.975x with REPA's 2048-wide head, whose matmuls dominate.
+intra-op threads it can run on a second thread beside it (encoder_thread, off by default;
+teacher_thread.py).
 
 Draw order from the generator: t (B,), eps (B, N, P), label-dropout uniforms (B,)
 (the same as FlowMatchingObjective, so both see identical noise for one seed).

@@ -65,14 +65,11 @@ class SelfFlowObjective(nn.Module):
         other in the student; "both": in the teacher too (group ids = mask).
     early_exit: run the teacher only up to block k.
     teacher_thread: "never" (default), "always" or "auto": run the teacher's forward on a second thread,
-        at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread,
-        PASSIVE OpenMP).
+        at the same time as the student's (teacher_thread.py; "auto": CPU with > 1 intra-op thread).
     teacher_precision: "float32" (the method as written) or "bfloat16": the teacher's forward under
         bfloat16 autocast, its features cast back to the input's dtype. A cheaper target, not the
-        same one: on the trained digits model of `make bench` the features moved by 7.2e-3 relative,
-        1 - cos per token 2.1e-5 on average and 2.7e-3 at most (bench/studies/teacher_precision.py).
-        The S step measured 0.93-0.96x and the digits step 0.95-1.02x on a CPU with AVX512-BF16
-        (BENCHMARKS.md, objective cost); where bfloat16 matmuls are emulated it is slower.
+        same one (how far it moves: bench/studies/teacher_precision.py). Faster only on a CPU or GPU
+        with native bfloat16 matmuls (docs/performance.md); where they are emulated it is slower.
         Under the trainer's own bf16 autocast the teacher runs that way whatever this says.
     """
 

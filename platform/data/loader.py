@@ -61,7 +61,7 @@ from selfflow.platform.data.shards import (
 
 _SHARD_ORDER_TAG = 0
 # Shard sets up to this size keep their decoded samples in memory after the first epoch: small
-# sets are otherwise loader-bound (tar + npy parsing per sample; BENCHMARKS.md, data path).
+# sets are otherwise loader-bound (tar + npy parsing per sample; docs/performance.md).
 DECODED_CACHE_BYTES = 256 * 2**20
 _SAMPLE_SHUFFLE_TAG = 1
 _BLOCK_SHUFFLE_TAG = 2

@@ -216,8 +216,8 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 def fused_adamw_supported(params: Sequence[torch.Tensor]) -> bool:
-    """Fused AdamW: one kernel over all parameters instead of a chain of foreach ops; on the digits
-    config 1.8 ms per step instead of 5.0 (BENCHMARKS.md, compute efficiency)."""
+    """Fused AdamW (one kernel over all parameters instead of a chain of foreach ops) where torch has
+    it for every parameter's device and dtype (docs/performance.md)."""
     return all(p.device.type in FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in params)
 
 

@@ -140,6 +140,22 @@ def test_plain_error_turns_gin_proxies_into_picklable_exceptions():
     assert "TrainConfig.steps must be positive" in str(restored)
 
 
+def test_plain_error_keeps_the_workers_traceback_under_debug(monkeypatch):
+    import pickle
+
+    def buggy():
+        return {}["missing"]
+
+    try:
+        buggy()
+    except KeyError as error:
+        caught = error
+    assert "\n" not in str(plain_error(caught))
+    monkeypatch.setenv("SELFFLOW_DEBUG", "1")
+    copy = pickle.loads(pickle.dumps(plain_error(caught)))
+    assert isinstance(copy, KeyError) and "Traceback (most recent call last)" in str(copy) and "buggy" in str(copy)
+
+
 def test_injected_crash_fires_once(tmp_path):
     class FakeTrainer:
         step, rank, run_dir = 3, 0, tmp_path

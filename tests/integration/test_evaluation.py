@@ -78,10 +78,11 @@ def test_training_logs_every_metric_at_each_evaluation_step(trained):
         assert history_steps(client, result.mlflow_run_id, key) == [20, STEPS]
     metrics = run.data.metrics
     assert all(math.isfinite(metrics[key]) for key in expected_metric_names())
-    assert metrics["eval/fd"] >= 0.0 and metrics["eval/fd_data_floor"] >= 0.0
-    for key in expected_metric_names():
-        if key.startswith("probe/") and not key.endswith("best_block") or key.endswith(("acc", "precision", "recall")):
-            assert 0.0 <= metrics[key] <= 1.0, key
+    # A few dozen steps are far from real data: the floor (real images) must score better.
+    assert 0.0 <= metrics["eval/fd_data_floor"] < metrics["eval/fd"]
+    for kind in ("linear", "knn"):  # "best" is the best cell of the block x level table
+        cells = [value for key, value in metrics.items() if key.startswith(f"probe/{kind}/block")]
+        assert metrics[f"probe/{kind}/best"] == max(cells)
     # Ten equally filled buckets: their plain mean is the overall held-out loss.
     buckets = [metrics[f"loss_by_t/bucket{i}"] for i in range(10)]
     assert sum(buckets) / 10 == pytest.approx(metrics["loss_by_t/overall"], rel=1e-6)
