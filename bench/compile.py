@@ -85,8 +85,8 @@ def run(ctx: BenchContext) -> Section:
             f"own child process ({threads} threads, cpu_shared environment), interleaved; ratios are medians of "
             "paired ratios. Compile time: the compiled child's first step minus the eager child's, with a fresh "
             "inductor cache. What cannot be one graph: the label range check (a value-dependent branch: checked "
-            "on the host when compiled), the DiT's gathered modulation (torch.unique: traced with dynamo's "
-            "dynamic output shapes), the teacher on a second thread (teacher_thread 'auto' at 2 threads: its "
+            "on the host when compiled), the DiT's gathered modulation (torch.unique, a value-dependent size: "
+            "the graph splits there; tracing it whole failed in inductor's backward at S), the teacher on a second thread (teacher_thread 'auto' at 2 threads: its "
             "forward is a separate graph) and the bmm attention kernel's host-side choice."
         ),
         tables=[Table(["config", "eager ms", "eager samples/s", "compiled ms", "compiled samples/s",

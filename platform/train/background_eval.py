@@ -169,8 +169,18 @@ class BackgroundEvaluation:
         trainer.tracker.log_metrics({"eval/background_wall_s": time.perf_counter() - job.started}, step=job.step)
         job.snapshot.unlink(missing_ok=True)
 
-    def on_train_end(self, trainer) -> None:
-        if trainer.rank == 0 and (self.running is not None or self.queue):
+    def on_train_end(self, trainer, failed: bool = False) -> None:
+        """Wait for the evaluations in flight (the final one lands in the run); after a failed run,
+        stop them instead."""
+        if trainer.rank != 0:
+            return
+        if failed:
+            if self.running is not None and self.running.process.poll() is None:
+                self.running.process.kill()
+                self.running.process.wait()
+            self.running, self.queue = None, []
+            return
+        if self.running is not None or self.queue:
             self.poll(trainer, wait=True)
 
 

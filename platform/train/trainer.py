@@ -487,23 +487,30 @@ class Trainer:
                     bar.update(1)
             self.check_finite()
             self.writer.wait()
-        finally:
+        except BaseException:
+            self.close(failed=True)
+            raise
+        else:
             self.close()
+        finally:
             if bar is not None:
                 bar.close()
         return last
 
-    def close(self) -> None:
-        """Let a checkpoint being written finish (its error, if any, is raised by `writer.wait`)
-        and the callbacks that hold work in flight (background evaluations) end it."""
+    def close(self, failed: bool = False) -> None:
+        """Let a checkpoint being written finish and the callbacks that hold work in flight
+        (background evaluations) end it: waiting for it after a normal end, dropping it after a
+        failure (whose error is the one to see)."""
         try:
             self.writer.wait()
         except TrainingError as error:
+            if not failed:
+                raise
             print(f"selfflow: warning: {error}", file=sys.stderr, flush=True)
         for callback in self.callbacks:
             finish = getattr(callback, "on_train_end", None)
             if finish is not None:
-                finish(self)
+                finish(self, failed=failed)
 
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -603,15 +610,10 @@ class Trainer:
 def compile_modules(mode: str, module: TrainingModule, ema_model: nn.Module) -> None:
     """TrainConfig.compile: 'backbone' compiles the student and the EMA teacher (which sampling
     uses too) in place (nn.Module.compile: state dict keys unchanged); 'step' also the objective.
-
-    Asking for it also lets dynamo trace operators whose output size depends on values (a
-    process-wide dynamo setting): DiT's gathered modulation sizes its rows with torch.unique, which
-    would otherwise split every Self-Flow forward in two graphs."""
+    DiT's gathered modulation sizes its rows with torch.unique (a value-dependent size): dynamo
+    splits the graph there, and the row count becomes a dynamic size after the first recompilation."""
     if mode == "none":
         return
-    import torch._dynamo
-
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     module.model.compile()
     ema_model.compile()
     if mode == "step":
