@@ -8,13 +8,15 @@ STAMP := $(VENV)/.selfflow-installed
 RUNS ?= runs
 export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath $(RUNS))/mlflow.db
 
-.PHONY: install system-deps demo test test-fast bench bench-quick ui clean help
+.PHONY: install system-deps browser-deps demo test test-fast bench bench-quick modalities ui ui-check clean help
 
 help:
 	@echo "make demo   - install, build digits shards, train Self-Flow-ready DiT on digits, log to MLflow"
 	@echo "make test   - install, run the test suite"
 	@echo "make bench  - install, run the benchmarks and regenerate BENCHMARKS.md"
-	@echo "make ui     - serve the MLflow UI for $(RUNS)/ on http://127.0.0.1:5000"
+	@echo "make modalities - install, train every modality's FM and Self-Flow preset, print the quality table"
+	@echo "make ui     - serve the MLflow UI for $(RUNS)/ on http://127.0.0.1:5000 (one worker; Ctrl-C stops it)"
+	@echo "make ui-check - open the MLflow UI in headless Chromium on a fresh store; screenshots in $(RUNS)/ui-check/"
 
 install: system-deps $(STAMP)
 
@@ -38,11 +40,12 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: install
 	$(VENV)/bin/selfflow demo --runs $(RUNS)
 
+# The browser check (tests marked `browser`) has its own target, `make ui-check`.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not browser" tests
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests
 
 bench: install
 	$(PY) -m bench --out BENCHMARKS.md
@@ -50,8 +53,31 @@ bench: install
 bench-quick: install
 	$(PY) -m bench --quick --out BENCHMARKS.quick.md
 
+# Issue 23's table: audio, video and digits presets, one run at a time (about two hours on 2 cores).
+modalities: install
+	$(PY) bench/modalities.py --runs $(RUNS)
+
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(VENV)/bin/selfflow ui --runs $(RUNS) --host 127.0.0.1 --port 5000
+
+# Debian's chromium (apt) driven by Playwright from pip; Playwright never downloads a browser here.
+UI_STAMP := $(VENV)/.selfflow-ui-check
+browser-deps:
+	@command -v chromium >/dev/null || { \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  echo "installing chromium (apt)"; \
+	  $$sudo apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { $$sudo apt-get update -qq && $$sudo apt-get install -y --no-install-recommends chromium >/dev/null; } \
+	  || { echo "cannot install chromium: install Debian's chromium package by hand" >&2; exit 1; }; }
+
+$(UI_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,sdvae,fid,ui-check]'
+	@touch $@
+
+# A short run and a 2-trial sweep, served by `selfflow ui`, opened in headless Chromium.
+ui-check: install browser-deps $(UI_STAMP)
+	env -u MLFLOW_TRACKING_URI SELFFLOW_UI_CHECK_OUT=$(abspath $(RUNS))/ui-check \
+	  $(PY) -m pytest -q -p no:cacheprovider -m browser tests/e2e/test_ui_browser.py
 
 clean:
 	rm -rf $(RUNS) data build *.egg-info

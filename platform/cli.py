@@ -1,4 +1,4 @@
-"""`selfflow` command line: train, sweep, compare, ui, data, sample, eval, demo.
+"""`selfflow` command line: train, sweep, study, compare, ui, data, sample, eval, demo.
 
 torch is imported only inside the commands, after the host preset (platform/host.py) is applied:
 OpenMP reads its wait policy once, when torch loads it.
@@ -45,7 +45,7 @@ def _cmd_train_distributed(args: argparse.Namespace) -> int:
     from selfflow.platform.scale import ray_cluster
     from selfflow.platform.scale.ray_train import Scaling, train_distributed
 
-    scaling = Scaling(workers=args.workers or 1, cpus_per_worker=args.cpus_per_worker,
+    scaling = Scaling(workers=1 if args.workers is None else args.workers, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
     try:
         result = train_distributed(
@@ -71,6 +71,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if result.parent_run_id:
         print(f"mlflow parent run: {result.parent_run_id}  ({result.tracking_uri})")
     print(f"sweep wall time:   {result.wall_s:.0f} s")
+    return 1 if result.failed else 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from selfflow.platform.scale import ray_cluster
+    from selfflow.platform.scale.study import describe, open_store, plan_study, run_study
+
+    study = plan_study(args.study_file, args.gin_param, quick=args.quick, runs_dir=args.runs)
+    if args.plan:
+        print("\n".join(describe(study, open_store(study, args.tracking_uri))))
+        return 0
+    try:
+        result = run_study(study, sections=args.section, tracking_uri=args.tracking_uri, out=args.out,
+                           plots_dir=args.plots_dir, report_only=args.report_only)
+    finally:
+        ray_cluster.shutdown()
+    report = result.report
+    print(f"report:          {report.path}  ({report.finished} of {report.planned} trials finished, "
+          f"{len(report.plots)} plots)")
+    for claim in report.claims:
+        print(f"  claim {claim.spec.id:<6} {claim.verdict:<14} {claim.spec.statement}")
+    for line in result.failed:
+        print(f"selfflow study: failed for good: {line}", file=sys.stderr)
+    print(f"study wall time: {result.wall_s:.0f} s")
     return 1 if result.failed else 0
 
 
@@ -107,6 +131,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.dataset == "images":
         return _cmd_data_images(args)
+    if args.dataset == "encode":
+        return _cmd_data_encode(args)
     builders = {"digits": build_digits_shards, "moving_digits": build_moving_digits_shards,
                 "spoken_digits": build_spoken_digits_shards}
     if args.dataset not in builders:
@@ -146,6 +172,35 @@ def _cmd_data_images(args: argparse.Namespace) -> int:
         print()  # end the progress line
     summary = summarize_shards(index)
     print(f"{summary.split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {summary.index_path}")
+    return 0
+
+
+def _cmd_data_encode(args: argparse.Namespace) -> int:
+    from selfflow.platform.config import bootstrap as config
+    from selfflow.platform.config.loaders import autoencoder
+    from selfflow.platform.data.latent_shards import encode_shard_set
+    from selfflow.platform.data.shards import summarize_shards
+
+    if not args.source or not args.tokenizer_gin or not args.out:
+        raise UserError("data encode needs --source DIR --tokenizer-gin FILE --out DIR "
+                        "(e.g. --tokenizer-gin tokenizers/encodec_24khz.gin)")
+    config.parse([args.tokenizer_gin], args.gin_param)
+    try:
+        tokenizer = autoencoder()
+    except (TypeError, ValueError, RuntimeError, OSError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
+
+    def progress(split: str, done: int, total: int) -> None:
+        print(f"\r{split}: {done}/{total} encoded", end="" if done < total else "\n", flush=True)
+
+    try:
+        written = encode_shard_set(args.source, tokenizer, args.out, batch_size=args.batch_size,
+                                   progress=None if args.quiet else progress)
+    except (DataError, TypeError, ValueError, OSError, RuntimeError) as error:
+        raise UserError(f"data encode: {str(error).strip().splitlines()[0]}") from None
+    for split, index in written.items():
+        summary = summarize_shards(index)
+        print(f"{split:<6} {summary.total:>5} samples in {len(summary.shard_paths)} shards -> {index}")
     return 0
 
 
@@ -211,11 +266,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = train(["demo.gin"], args.gin_param, run_dir=run_dir, runs_dir=args.runs, progress=True)
     _print_result(result)
     grids = sorted((result.run_dir / "samples").glob("*.png"))
-    uri = result.tracking_uri or ""
     print(f"sample grid:     {grids[-1] if grids else 'none'}  (row c = class c)")
-    print(f"MLflow UI:       make ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    for line in demo_summary(result.final_metrics):
+        print(line)
+    if result.mlflow_run_id:
+        print(f"MLflow run:      {mlflow_run_link(result.tracking_uri, result.mlflow_run_id)}  "
+              f"(start the UI first: make ui, or selfflow ui --runs {args.runs})")
     print(f"demo wall time:  {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def demo_summary(metrics: dict[str, float]) -> list[str]:
+    """The figures that say how good the demo model is (the newest evaluation's)."""
+    lines = []
+    if "eval/fd" in metrics:
+        floor = metrics.get("eval/fd_data_floor")
+        lines.append(f"FD:              {metrics['eval/fd']:.2f}" + (f"  (real-data floor {floor:.2f}; lower is better)"
+                                                                      if floor is not None else "  (lower is better)"))
+    if "eval/sample_class_acc" in metrics:
+        lines.append(f"class accuracy:  {metrics['eval/sample_class_acc']:.3f}  (samples the evaluator reads as "
+                     f"their requested digit)")
+    if "probe/linear/best" in metrics:
+        block = metrics.get("probe/linear/best_block")
+        lines.append(f"best probe:      {metrics['probe/linear/best']:.3f}  (linear probe accuracy"
+                     + (f", block {int(block)})" if block is not None else ")"))
+    return lines or ["evaluation:      none logged (EvalSuite.min_steps or EvalSuite.every skipped it)"]
+
+
+def mlflow_run_link(tracking_uri: str | None, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI (`ui`: where `make ui` serves; a server store links to itself)."""
+    from mlflow.tracking import MlflowClient
+
+    base = tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith(("http://", "https://")) else ui
+    try:
+        experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the link is a convenience: the run id alone still finds the run
+        return f"run {run_id} ({tracking_uri})"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -229,7 +316,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"mlflow run:      {result.mlflow_run_id}  ({result.tracking_uri})")
     for key in sorted(result.metrics):
-        if not key.startswith(("probe/linear/block", "probe/knn/block")):
+        if not key.startswith("probe_grid/"):
             print(f"  {key:<28} {result.metrics[key]:.4f}")
     print(f"artifacts:       {result.run_dir / 'eval'}")
     return 0
@@ -238,7 +325,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sync(args: argparse.Namespace) -> int:
     from selfflow.platform.tracking.mlflow_tracker import sync_run_dir
 
-    result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout)
+    result = sync_run_dir(args.run_dir, tracking_uri=args.tracking_uri, seconds=args.timeout, runs_dir=args.runs)
     stats = result.stats
     print(f"synced {result.journal} -> {result.tracking_uri}: {stats.records} of {result.pending_before} records "
           f"delivered ({stats.metric_values} metric values sent, {stats.duplicates} already present)")
@@ -249,22 +336,18 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def ui_command(runs: str, host: str, port: int, tracking_uri: str | None = None) -> list[str]:
-    """The `mlflow ui` command line for a runs folder (127.0.0.1 unless a host is given)."""
+    """The `mlflow server` command line `selfflow ui` runs for a runs folder (platform/tracking/ui.py)."""
     from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import server_command
 
-    mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri",
-            tracking_uri or default_tracking_uri(runs), "--host", host, "--port", str(port)]
+    return server_command(tracking_uri or default_tracking_uri(runs), host, port)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    command = ui_command(args.runs, args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"selfflow: warning: serving MLflow on {args.host}: anyone who can reach this machine can read "
-              f"and change the runs", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port}  ({command[3]})", flush=True)
-    os.execvp(command[0], command)  # replaces this process: Ctrl-C stops the UI
-    return 0
+    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.ui import serve
+
+    return serve(default_tracking_uri(args.runs), args.host, args.port)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -314,6 +397,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
     p.set_defaults(func=_cmd_sweep)
 
+    p = sub.add_parser("study", help="run a study's sweeps (experiments/studies/*.gin) and write its report "
+                                     "(RESULTS.md) from MLflow; resumes where an earlier sitting stopped")
+    p.add_argument("study_file", help="study gin file, e.g. studies/paper.gin")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
+                   help="override a Study binding, e.g. \"Study.seeds = [0, 1, 2, 3]\"")
+    p.add_argument("--quick", action="store_true",
+                   help="the same study at its quick budget (Study.quick_bindings): minutes, for tests and CI")
+    p.add_argument("--report-only", action="store_true", help="train nothing; rewrite the report from the store")
+    p.add_argument("--plan", action="store_true", help="print the sweeps, trials and what is finished; run nothing")
+    p.add_argument("--section", action="append", default=None,
+                   help="run only this section of the study (repeatable); the report covers all")
+    p.add_argument("--out", default=None, help="report file (default: RESULTS.md; with --quick "
+                                               "<runs>/studies/<name>-quick/RESULTS.md)")
+    p.add_argument("--plots-dir", default=None, help="folder for the plots (default: results/ beside the report)")
+    p.add_argument("--runs", default="runs", help="folder for runs and the embedded MLflow store")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else <runs>/mlflow.db)")
+    p.set_defaults(func=_cmd_study)
+
     p = sub.add_parser("compare", help="compare runs: mean ± 95%% interval over seeds, metric-vs-step plots")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     p.add_argument("--parent", default=None, help="a sweep's parent run id (compares its children)")
@@ -325,14 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="build webdataset shards")
-    p.add_argument("dataset", choices=["digits", "moving_digits", "spoken_digits", "images"],
+    p.add_argument("dataset", choices=["digits", "moving_digits", "spoken_digits", "images", "encode"],
                    help="digits, moving_digits (video clips of the same glyphs), spoken_digits (the digit words "
-                        "spoken by espeak-ng, audio), or images: pre-encode an image "
-                        "folder (ROOT/<class>/<image>) into latent shards")
+                        "spoken by espeak-ng, audio), images: pre-encode an image "
+                        "folder (ROOT/<class>/<image>) into latent shards, or encode: pre-encode every split of "
+                        "the shard set --source (e.g. 24 kHz spoken digits with EnCodec) into float32 latent shards")
+    p.add_argument("--source", default=None, help="encode: the shard set folder to encode")
     p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--folder", default=None, help="images: the class-folder tree to encode")
     p.add_argument("--tokenizer-gin", "--tokenizer_gin", dest="tokenizer_gin", default=None,
-                   help="images: gin file binding autoencoder.tokenizer (e.g. tokenizers/sd_vae_ema.gin)")
+                   help="images, encode: gin file binding autoencoder.tokenizer (e.g. tokenizers/sd_vae_ema.gin)")
     p.add_argument("--split", default="train", help="images: shard set name (train, val, test, ...)")
     p.add_argument("--image-size", type=int, default=None, help="images: crop size (default: the tokenizer's)")
     p.add_argument("--shard-size", type=int, default=1000, help="images: samples per shard")
@@ -377,11 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="deliver a run's queued tracking records (tracking-journal.jsonl) to MLflow")
     p.add_argument("--run-dir", required=True, help="a run folder written by `selfflow train`")
-    p.add_argument("--tracking-uri", default=None, help="default: the URI the run logged to (from its journal)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="the store to deliver to; default: the configured one (MLFLOW_TRACKING_URI, else "
+                        "<runs>/mlflow.db), which must be the store the run's journal names")
+    p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store (the default store)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to keep retrying an unanswering store")
     p.set_defaults(func=_cmd_sync)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (on 127.0.0.1 unless --host says otherwise)")
+    p = sub.add_parser("ui", help="serve the MLflow UI for a runs folder (one worker, on 127.0.0.1 unless --host says "
+                                  "otherwise); Ctrl-C stops it and everything it started")
     p.add_argument("--runs", default="runs", help="folder of the embedded MLflow store")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but 127.0.0.1 exposes the runs")
     p.add_argument("--port", type=int, default=5000)
@@ -441,9 +548,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "debug", False):
         os.environ[DEBUG_ENV] = "1"  # Ray workers and Tune trials inherit it
+    from selfflow.platform.train.interrupts import RunInterrupted, handle_signals
+
     try:
-        apply_host_preset(args)
-        return args.func(args)
+        with handle_signals():  # SIGINT and SIGTERM: stop at the end of the step, mark the run KILLED
+            apply_host_preset(args)
+            return args.func(args)
+    except RunInterrupted as interrupt:
+        print(f"selfflow: {interrupt.one_line()}", file=sys.stderr, flush=True)
+        return interrupt.exit_code
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)
         return 130

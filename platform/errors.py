@@ -42,6 +42,16 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an error's message (its type name when the message is empty),
+    whitespace collapsed: safe on any exception, including ones raised with no message."""
+    text = error if isinstance(error, str) else str(error)
+    for line in text.splitlines():
+        if line.strip():
+            return " ".join(line.split())[:limit]
+    return "" if isinstance(error, str) else type(error).__name__
+
+
 def one_line(error: BaseException) -> str:
     """`Type: first line of the message` for an error the platform did not diagnose itself."""
     text = str(error).strip()

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from selfflow.platform.errors import CheckpointError
+from selfflow.platform.errors import CheckpointError, first_line
 
 
 def write_state(state: dict[str, Any], file: BinaryIO) -> None:
@@ -32,7 +32,12 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            write_state(state, file)
+            recorder = _WriteErrors(file)
+            try:
+                write_state(state, recorder)
+            except RuntimeError:
+                recorder.raise_recorded(path)  # torch hides a full disk behind "unexpected pos ..."
+                raise
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, path)
@@ -41,6 +46,29 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError a write raised (ENOSPC, EDQUOT, EFBIG): torch.save
+    turns it into a RuntimeError that names neither the file nor the cause."""
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def raise_recorded(self, path: Path) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(path)) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -64,10 +92,19 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise CheckpointError(f"refusing checkpoint {path}: not a weights-only file ({reason[:160]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"unreadable checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+        reason = first_line(error, 160) if str(error).strip() else "unsafe content"
+        raise CheckpointError(f"refusing checkpoint {path}: not a weights-only file ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # an empty file: EOFError with no message
+        if _is_empty(path):
+            raise CheckpointError(f"unreadable checkpoint {path}: empty file (0 bytes)") from None
+        raise CheckpointError(f"unreadable checkpoint {path}: {first_line(error, 200)}") from None
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def verify(path: str | os.PathLike) -> str | None:
@@ -77,7 +114,7 @@ def verify(path: str | os.PathLike) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile) as error:
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
+        return first_line(error)
     return f"member {bad} fails its CRC" if bad else None
 
 

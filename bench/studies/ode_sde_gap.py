@@ -29,7 +29,7 @@ from bench.core import DEFAULT_CACHE
 
 
 def train_longer(args: argparse.Namespace) -> None:
-    from selfflow.platform import bench_sampling
+    from bench import sampling as bench_sampling
     from selfflow.platform.train.driver import train
 
     bench = SimpleNamespace(cache_dir=Path(args.cache))  # what model_run reads of a BenchContext

@@ -57,19 +57,22 @@ from selfflow.components.schedules.dual import TimeDistribution
 
 
 def resize_token_grid(features: torch.Tensor, source: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
-    """(B, prod(source), C) features on a 1-D or 2-D grid -> (B, prod(target), C), interpolated on the grid."""
+    """(B, prod(source), C) features on a 1-D, 2-D or 3-D grid -> (B, prod(target), C), interpolated on the grid."""
     source, target = tuple(source), tuple(target)
     if features.dim() != 3 or features.shape[1] != math.prod(source):
         raise ValueError(f"features {tuple(features.shape)} do not lie on the grid {source}")
     if source == target:
         return features
-    if len(source) != len(target) or len(source) not in (1, 2):
-        raise ValueError(f"cannot resize a token grid {source} to {target}: need two 1-D or two 2-D grids")
+    if len(source) != len(target) or len(source) not in (1, 2, 3):
+        raise ValueError(f"cannot resize a token grid {source} to {target}: need two 1-D, 2-D or 3-D grids")
     batch, _, channels = features.shape
     maps = features.transpose(1, 2).reshape(batch, channels, *source).float()
-    mode = "linear" if len(source) == 1 else "bilinear"
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(source)]
     antialias = len(source) == 2 and any(t < s for s, t in zip(source, target))  # average when shrinking
-    resized = F.interpolate(maps, size=target, mode=mode, align_corners=False, antialias=antialias)
+    if len(source) == 3 and all(t <= s for s, t in zip(source, target)):
+        resized = F.adaptive_avg_pool3d(maps, target)  # shrinking a clip grid: average what each cell covers
+    else:
+        resized = F.interpolate(maps, size=target, mode=mode, align_corners=False, antialias=antialias)
     return resized.reshape(batch, channels, -1).transpose(1, 2).to(features.dtype)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import gin
 
-from selfflow.platform.errors import ConfigError
+from selfflow.platform.errors import ConfigError, first_line
 
 
 def _experiments_dir() -> Path:
@@ -133,7 +133,7 @@ def parse(gin_files: Sequence[str | os.PathLike], gin_params: Sequence[str] = ()
         raise _friendly(error, files, gin_params) from None
     check_types(files, gin_params)
     if finalize:
-        gin.finalize()
+        _finalize(files, gin_params)
     return gin.config_str()
 
 
@@ -152,7 +152,7 @@ def parse_config_string(config: str, overrides: Sequence[str] = ()) -> None:
         raise _user_error(error)
     except Exception as error:
         raise _friendly(error, [], overrides) from None
-    gin.finalize()
+    _finalize([], overrides)
 
 
 def _user_error(error: BaseException) -> BaseException:
@@ -161,9 +161,89 @@ def _user_error(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+def _finalize(files: Sequence[str], params: Sequence[str]) -> None:
+    """gin.finalize with one-line errors: it checks every macro (%NAME) has a value, and raises a
+    ValueError holding the whole config otherwise."""
+    try:
+        gin.finalize()
+    except Exception as error:
+        macro = re.search(r"No bindings specified for '([^'/]+)/gin\.macro'", str(error))
+        if macro:
+            name = macro.group(1)
+            where = _locate_text(files, params, re.compile(rf"%{re.escape(name)}\b"))
+            raise ConfigError(f"{where}macro %{name} is used but never bound (bind it: {name} = ...)") from None
+        raise ConfigError(first_line(error)) from None
+
+
+def _include_cycle(files: Sequence[str]) -> list[str] | None:
+    """The first chain of includes that leads back to a file already on it (a -> b -> a), or None."""
+    def visit(file: str, chain: list[str]) -> list[str] | None:
+        if file in chain:
+            return chain[chain.index(file):] + [file]
+        try:
+            text = Path(file).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        for include in re.findall(r"^include\s+['\"]([^'\"]+)['\"]", text, flags=re.M):
+            target = _resolve_include(include)
+            if target is None:
+                continue
+            found = visit(target, chain + [file])
+            if found:
+                return found
+        return None
+
+    for file in files:
+        found = visit(str(file), [])
+        if found:
+            return found
+    return None
+
+
+def _resolve_include(name: str) -> str | None:
+    """Where gin finds an include: the working directory, then its search paths (the experiments
+    folder and its parent)."""
+    try:
+        return str(resolve_config_file(name))
+    except ConfigError:
+        candidate = EXPERIMENTS_DIR.parent / name
+        return str(candidate.resolve()) if candidate.is_file() else None
+
+
+def _malformed_part(files: Sequence[str], params: Sequence[str]) -> str:
+    """Which input fails gin's syntax on its own: '--gin_param N: ' or 'FILE: ' ('' if none does).
+    gin parses the bindings as one string, so its own error names no binding."""
+    from gin import config_parser
+
+    def malformed(text: str) -> bool:
+        try:
+            for _ in config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)):
+                pass
+        except (SyntaxError, tokenize.TokenError, ValueError, IndexError):
+            return True
+        except Exception:  # a reference gin cannot resolve: not a syntax problem
+            return False
+        return False
+
+    for index, binding in enumerate(params, start=1):
+        if malformed(binding):
+            return f"--gin_param {index}: "
+    for file in reversed(list(files)):
+        try:
+            if malformed(Path(file).read_text()):
+                return f"{file}: "
+        except (OSError, UnicodeDecodeError):
+            continue
+    return ""
+
+
 def _friendly(error: Exception, files: Sequence[str], params: Sequence[str]) -> ConfigError:
     text = str(error)
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    first = first_line(error)
+    if isinstance(error, RecursionError):
+        cycle = _include_cycle(files)
+        if cycle:
+            return ConfigError("include cycle: " + " -> ".join(Path(f).name for f in cycle))
     where = ""
     match = _LOCATION.search(text)
     if match and match.group("file"):
@@ -177,7 +257,8 @@ def _friendly(error: Exception, files: Sequence[str], params: Sequence[str]) -> 
         name = missing.group(1) if missing else text
         return ConfigError(f"{where}config file not found: {name} (search paths: ., {EXPERIMENTS_DIR})")
     if isinstance(error, (tokenize.TokenError, SyntaxError)) or "Expected" in first or "Malformed" in first:
-        return ConfigError(f"{where or _guess_file(files)}malformed gin syntax: {first}")
+        return ConfigError(f"{where or _malformed_part(files, params) or _guess_file(files)}malformed gin syntax: "
+                           f"{first}")
     unknown_param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", text)
     if unknown_param:
         configurable, param = unknown_param.groups()
@@ -265,13 +346,17 @@ def check_types(files: Sequence[str], params: Sequence[str]) -> None:
 
 
 def _locate_binding(files: Sequence[str], params: Sequence[str], configurable: str, name: str) -> str:
-    pattern = re.compile(rf"(^|[/.\s]){re.escape(configurable)}\.{re.escape(name)}\s*=")
-    for index, binding in enumerate(params, start=1):
+    return _locate_text(files, params, re.compile(rf"(^|[/.\s]){re.escape(configurable)}\.{re.escape(name)}\s*="))
+
+
+def _locate_text(files: Sequence[str], params: Sequence[str], pattern: re.Pattern) -> str:
+    """'--gin_param N: ' or 'FILE:LINE: ' of the last place `pattern` occurs (bindings win), or ''."""
+    for index, binding in reversed(list(enumerate(params, start=1))):
         if pattern.search(binding):
             return f"--gin_param {index}: "
     for file in reversed(list(_expand_includes(files))):
         for number, line in enumerate(Path(file).read_text().splitlines(), start=1):
-            if pattern.search(line):
+            if pattern.search(line.split("#", 1)[0]):  # comments do not count
                 return f"{file}:{number}: "
     return ""
 

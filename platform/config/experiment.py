@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -23,7 +24,7 @@ from torch import nn
 from selfflow.components.protocols import Backbone, Objective, Tokenizer
 from selfflow.platform.config.configurable import configurable
 from selfflow.platform.config.devices import parse_device
-from selfflow.platform.errors import ConfigError, UserError
+from selfflow.platform.errors import ConfigError, UserError, first_line
 from selfflow.platform.evaluate.generation import SamplingConfig
 from selfflow.platform.host import PRESETS as HOST_PRESETS
 
@@ -74,8 +75,16 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"TrainConfig.lr must be finite, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"TrainConfig.grad_clip must be a finite number >= 0 (0: no clipping), "
+                              f"got {self.grad_clip}")
+        check_betas(self.betas)
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"TrainConfig.lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if not 0.0 <= self.final_lr_fraction <= 1.0:
@@ -127,6 +136,17 @@ class BatchLayout:
         steps = "step" if self.accumulation == 1 else "steps"
         return (f"global batch {self.global_batch} = {self.workers} worker{'s' if self.workers > 1 else ''} x "
                 f"micro-batch {self.micro_batch} x {self.accumulation} accumulation {steps}")
+
+
+def check_betas(betas: Any) -> None:
+    """AdamW's (beta1, beta2): two numbers in [0, 1), checked here so a bad value is named as the
+    config's, not met as an IndexError or ValueError inside torch.optim."""
+    numbers = isinstance(betas, (tuple, list)) and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+    if not numbers or len(betas) != 2:
+        raise ConfigError(f"TrainConfig.betas must be two numbers (beta1, beta2), got {betas!r}")
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"TrainConfig.betas must each be in [0, 1), got {tuple(betas)!r}")
 
 
 @dataclass
@@ -311,6 +331,24 @@ def configured_seed(default: int = 0) -> int:
         return default
 
 
+def train_config_from_gin() -> TrainConfig:
+    """The TrainConfig the parsed gin config describes, built alone (cheap): its values are checked
+    before a launcher writes anything, not when the experiment is built."""
+    try:
+        bound = gin.query_parameter("build_experiment.train")
+    except ValueError:
+        return TrainConfig()
+    if not isinstance(bound, gin.config.ConfigurableReference):
+        return bound if isinstance(bound, TrainConfig) else TrainConfig()
+    try:
+        built = bound.scoped_configurable_fn()
+    except UserError as error:  # gin's proxy subclass carries call-site lines
+        raise ConfigError(first_line(error)) from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"TrainConfig: {first_line(error)}") from None
+    return built if isinstance(built, TrainConfig) else TrainConfig()
+
+
 def build_from_gin() -> Experiment:
     """Build the experiment from the current (parsed) gin state with one-line errors. The parts gin
     builds before build_experiment runs (tokenizer, data, ...) draw from the seeded fork too."""
@@ -318,12 +356,12 @@ def build_from_gin() -> Experiment:
         with seeded(configured_seed()):
             return build_experiment()
     except ConfigError as error:  # gin appends its call-site lines to errors raised inside configurables
-        raise ConfigError(str(error).strip().splitlines()[0]) from None
+        raise ConfigError(first_line(error)) from None
     except UserError as error:  # gin re-raises it as a proxy subclass with call-site lines appended
-        raise UserError(str(error).strip().splitlines()[0]) from None
+        raise UserError(first_line(error)) from None
     except (TypeError, ValueError, RuntimeError) as error:
         text = str(error)
-        first = text.strip().splitlines()[0]
+        first = first_line(error)
         if "Required bindings" in text:
             raise ConfigError(f"missing required binding: {first}") from None
         if "No values supplied by Gin or caller for arguments" in text:

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from selfflow.components.encoders.digit_encoder import load_digit_encoder
+from selfflow.components.encoders.sequence_encoders import load_sequence_encoder
 from selfflow.components.tokenizers.conv_ae import ConvAETokenizer, load_conv_autoencoder
 from selfflow.components.tokenizers.sd_vae import building_on_meta
+from selfflow.components.tokenizers.spectrogram import SpectrogramTokenizer, log_magnitude_statistics
 from selfflow.platform.config.configurable import configurable
 from selfflow.platform.errors import UserError
 
@@ -38,6 +40,49 @@ def conv_ae_from(path: str = gin.REQUIRED, patch_size: int = 1,
         return ConvAETokenizer(load_conv_autoencoder(file), patch_size=patch_size)
     except ValueError as error:
         raise UserError(f"cannot use the conv autoencoder {file}: {error}") from None
+
+
+@configurable(module="tokenizers")
+def spectrogram_from_shards(data=gin.REQUIRED, n_fft: int = 256, hop_length: int = 64, patch_size: int = 2,
+                            floor: float = 1e-3, griffin_lim_iters: int = 32) -> SpectrogramTokenizer:
+    """A SpectrogramTokenizer for `data`'s clips, normalised per frequency bin with the log-magnitude
+    statistics of its train split (computed here, a second for thousands of clips). Under a meta default
+    device (a config check) the shards are not read: the tokenizer has the shapes, not the statistics."""
+    options = dict(n_fft=n_fft, hop_length=hop_length, patch_size=patch_size, floor=floor,
+                   griffin_lim_iters=griffin_lim_iters)
+    if building_on_meta():
+        return SpectrogramTokenizer(tuple(data.data_shape), **options)
+    train_x, _ = data.arrays(data.train_split)
+    audio = torch.as_tensor(train_x, dtype=torch.float32, device="cpu")
+    if audio.dim() != 3:
+        raise UserError(f"spectrogram_from_shards needs waveforms (M, C, T), {data.root} holds {tuple(audio.shape)}")
+    try:
+        with torch.device("cpu"):  # real statistics even inside a meta-device config check
+            plain = SpectrogramTokenizer(tuple(audio.shape[1:]), **options)
+            statistics = log_magnitude_statistics(plain, audio)
+    except ValueError as error:
+        raise UserError(f"spectrogram_from_shards ({data.root}): {error}") from None
+    return SpectrogramTokenizer(tuple(audio.shape[1:]), **options, **statistics)
+
+
+@configurable(module="tokenizers")
+def latent_tokenizer_from_shards(data=gin.REQUIRED, patch_size: int = 1, decoder: Any = None) -> Any:
+    """A LatentTokenizer over pre-encoded latent shards (`selfflow data encode`), normalised per channel
+    with the mean and std of `data`'s train-split latents; `decoder` (the autoencoder tokenizer that
+    encoded them) turns samples back into waveforms or images. Under a meta default device (a config
+    check) the shards are not read: the tokenizer has the shapes, not the statistics."""
+    from selfflow.components.tokenizers.latents import LatentTokenizer
+    from selfflow.platform.data.latent_shards import channel_statistics
+
+    if building_on_meta():
+        return LatentTokenizer(tuple(data.data_shape), patch_size, decoder=decoder)
+    train_x, _ = data.arrays(data.train_split)
+    try:
+        statistics = channel_statistics(train_x)
+        with torch.device("cpu"):
+            return LatentTokenizer(tuple(train_x.shape[1:]), patch_size, decoder=decoder, **statistics)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"latent_tokenizer_from_shards ({data.root}): {error}") from None
 
 
 @configurable(module="tokenizers")
@@ -99,6 +144,19 @@ def _meta_patch_encoder(model_name: str, image_size: int, model_kwargs: dict) ->
         side = round(num_patches ** 0.5)
         grid = (side, side)
     return UnloadedPatchEncoder(model_name, (int(grid[0]), int(grid[1])), int(probe.shape[-1]))
+
+
+@configurable(module="encoders")
+def sequence_encoder_from(path: str = gin.REQUIRED, train_gin: str = "encoders/spoken_digits_small.gin"):
+    """A frozen, pre-trained spoken-digit or clip encoder for REPA; one clear line when it is missing."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"REPA encoder weights not found at {file}: train them with "
+                        f"`selfflow encoder --gin_file {train_gin}` (writes that file)")
+    try:
+        return load_sequence_encoder(file)
+    except ValueError as error:
+        raise UserError(f"cannot use the REPA encoder {file}: {error}") from None
 
 
 @configurable(module="encoders")

@@ -62,5 +62,6 @@ def register_all() -> None:
             gin.register(item, module=module)
     import selfflow.platform.config.experiment  # noqa: F401  build_experiment
     import selfflow.platform.config.loaders  # noqa: F401  conv_ae_from, autoencoder, digit_encoder_from, timm_encoder_from
+    import selfflow.platform.config.tracking  # noqa: F401  RunTracking
 
     _REGISTERED = True

@@ -1,10 +1,15 @@
 """A safe, deterministic, resumable reader for the shard sets written by `shards.write_shards`.
 
-Safety: members are checked against an allow-list of extensions before anything is
-decoded; pickle/torch members (.pkl .pickle .pyd .pth .pt .ckpt) are refused by name,
-never loaded. Arrays are read with numpy's `allow_pickle=False`, labels as ASCII ints.
-webdataset's own decoders (which include pickle and torch.load) are never used, and
-shard files are opened directly (no `pipe:` URLs).
+Safety: every tar member is checked before a byte of it is read: its extension against an
+allow-list (pickle/torch members, .pkl .pickle .pyd .pth .pt .ckpt, are refused by name, never
+loaded), its type (regular files only: no sparse members, links or devices) and the size its
+header claims against a limit: the array member's size follows from the index's shape and dtype
+(plus an npy header), any other member gets MEMBER_LIMIT_BYTES, and an index whose shape implies
+more than SAMPLE_LIMIT_BYTES per sample is refused. So a tiny shard cannot make the reader
+allocate what it claims (webdataset's own tar iterator reads every member whole first). Arrays
+are read with numpy's `allow_pickle=False` and must be finite, labels as ASCII ints.
+webdataset's own decoders (which include pickle and torch.load) are never used, and shard files
+are opened directly (no `pipe:` URLs).
 
 Determinism: epoch e reads the shards in an order drawn from (seed, e) and shuffles
 samples with a buffer seeded from (seed, e, slot). A slot is one reader:
@@ -34,8 +39,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
+import re
 import tarfile
 from dataclasses import dataclass
 from io import BytesIO
@@ -49,7 +56,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from selfflow.platform.data import DataError
 from selfflow.platform.data.shards import (
@@ -66,6 +73,11 @@ DECODED_CACHE_BYTES = 256 * 2**20
 _SAMPLE_SHUFFLE_TAG = 1
 _BLOCK_SHUFFLE_TAG = 2
 SHUFFLES = ("buffer", "blocks")
+# Limits checked against each tar member's header before it is read (see the module docstring).
+MEMBER_LIMIT_BYTES = 16 * 2**20  # labels, json, txt, ...: a member the index does not size
+SAMPLE_LIMIT_BYTES = 2**30  # the largest array per sample an index may declare
+NPY_HEADER_LIMIT_BYTES = 2**16 + 16  # npy format 1.0: a 10-byte preamble and a header of at most 65535 bytes
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped, as it does)
 Batch = dict[str, torch.Tensor]
 
 
@@ -156,6 +168,10 @@ def read_index(source: str | os.PathLike, split: str | None = None) -> ShardInde
         raise DataError(f"shard index {path}: invalid dtype {raw['dtype']!r}") from None
     if dtype.hasobject:
         raise DataError(f"shard index {path}: object dtype is not allowed")
+    sample_bytes = math.prod(shape) * dtype.itemsize
+    if sample_bytes > SAMPLE_LIMIT_BYTES:
+        raise DataError(f"shard index {path}: shape {tuple(shape)} {dtype} means {sample_bytes} bytes per sample, "
+                        f"more than the reader's limit of {SAMPLE_LIMIT_BYTES}")
     num_classes = _index_field(raw, "num_classes", path)
     if not _positive_int(num_classes):
         raise DataError(f"shard index {path}: num_classes must be a positive int, got {num_classes!r}")
@@ -217,7 +233,7 @@ class _ShardReader:
             seen = 0
             try:
                 with open(shard, "rb") as stream:
-                    members = tar_file_expander([{"url": str(shard), "stream": stream}])
+                    members = self._members(shard, stream)
                     for raw in group_by_keys(members):
                         sample = self._decode(raw, shard)
                         seen += 1
@@ -235,6 +251,36 @@ class _ShardReader:
                 )
             if self._decoded is not None:
                 self._decoded[shard] = decoded
+
+    def _limit(self, extension: str) -> int:
+        index = self.index
+        if extension == index.array_key:
+            return math.prod(index.shape) * index.dtype.itemsize + NPY_HEADER_LIMIT_BYTES
+        return MEMBER_LIMIT_BYTES
+
+    def _members(self, shard: Path, stream) -> Iterator[dict[str, Any]]:
+        """{fname, data, __url__} per tar member (what webdataset's group_by_keys takes), each
+        member's name, type and claimed size checked before it is read."""
+        archive = tarfile.open(fileobj=stream, mode="r|*")
+        for member in archive:
+            name = member.name
+            if _META_MEMBER.match(name) or member.isdir():
+                continue
+            match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)  # webdataset's key/extension split
+            if match is None:
+                raise DataError(f"shard {shard}: member {name!r} has no extension")
+            key, extension = match.groups()
+            check_member_extension(extension, key, shard)
+            if not member.isfile() or member.issparse():
+                kind = "sparse file" if member.issparse() else "link or special file"
+                raise DataError(f"shard {shard}: member {name} is a {kind}; shards hold regular files only")
+            limit = self._limit(extension)
+            if member.size > limit:
+                raise DataError(f"shard {shard}: member {name} claims {member.size} bytes, more than the {limit} its "
+                                f"index allows ({self.index.path})")
+            data = archive.extractfile(member).read()
+            yield {"fname": name, "data": data, "__url__": str(shard)}
+            archive.members = []  # streaming: keep no list of every member seen
 
     def _decode(self, raw: dict[str, Any], shard: Path) -> tuple[str, np.ndarray, int]:
         key = raw["__key__"]
@@ -256,6 +302,9 @@ class _ShardReader:
                 f"shard {shard}: member {key}.{index.array_key} has shape {array.shape} dtype {array.dtype}; "
                 f"the index says {index.shape} {index.dtype}"
             )
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise DataError(f"shard {shard}: member {key}.{index.array_key} holds {bad} non-finite values (NaN/Inf)")
         text = raw[index.label_key]
         try:
             label = int(text.decode("ascii").strip())

@@ -78,10 +78,19 @@ class ShardData:
             raise UserError(
                 f"shards in {self.root} hold arrays of shape {tuple(index.shape)}, the config expects {self.data_shape}"
             )
+        if self.num_classes and index.num_classes > self.num_classes:
+            raise UserError(f"ShardData.num_classes is {self.num_classes}, but the shards in {self.root} hold "
+                            f"labels of {index.num_classes} classes ({index.path}): set ShardData.num_classes = "
+                            f"{index.num_classes}")
         recorded = index.metadata.get("sample_rate")
         if self.sample_rate and recorded is not None and int(recorded) != self.sample_rate:
             raise UserError(f"shards in {self.root} hold {recorded} Hz audio, ShardData.sample_rate is {self.sample_rate}")
         return index
+
+    def check_split(self, split: str) -> None:
+        """UserError now if `split` is missing, damaged or disagrees with this config (a run checks
+        every split it will read before it trains)."""
+        self._index(split)
 
     def loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """Infinite iterator of {'x', 'y'} batches with state_dict/load_state_dict."""

@@ -1,4 +1,4 @@
-"""Samples as files: image grids, film strips for clips, spectrograms and wav for audio."""
+"""Samples as files: image grids, film strips and GIFs for clips, spectrograms and wav for audio."""
 from __future__ import annotations
 
 import os
@@ -32,12 +32,38 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, va
         scaled = scaled[:, None]
     if scaled.dim() == 5:  # clips (B, C, F, H, W): each becomes a film strip, frames left to right
         scaled = film_strips(scaled)
-    # Upscale tiny images (8x8 digits, 16-pixel film strips) so the grid is readable.
+    scaled = _readable(scaled)
+    with atomic_path(path, suffix=".png") as temp:
+        save_image(scaled, temp, nrow=nrow, padding=2, pad_value=0.5)
+    return path
+
+
+def _readable(scaled: torch.Tensor) -> torch.Tensor:
+    """Upscale tiny images (8x8 digits, 16-pixel frames) so a grid is readable."""
     if min(scaled.shape[-2:]) < 32:
         factor = max(1, 32 // min(scaled.shape[-2:]))
         scaled = torch.nn.functional.interpolate(scaled, scale_factor=factor, mode="nearest")
-    with atomic_path(path, suffix=".png") as temp:
-        save_image(scaled, temp, nrow=nrow, padding=2, pad_value=0.5)
+    return scaled
+
+
+def save_clip_gif(clips: torch.Tensor, path: str | os.PathLike, nrow: int, value_range=(0.0, 1.0),
+                  frame_ms: int = 125) -> Path:
+    """Clips (B, C, F, H, W) -> an animated GIF whose frame f is the grid of every clip's frame f
+    (looping), written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    low, high = value_range
+    scaled = ((clips.float() - low) / (high - low)).clamp(0, 1)
+    frames = []
+    for index in range(scaled.shape[2]):
+        grid = make_grid(_readable(scaled[:, :, index]), nrow=nrow, padding=2, pad_value=0.5)
+        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        frames.append(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".gif") as temp:
+        frames[0].save(temp, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
     return path
 
 
@@ -71,9 +97,13 @@ def write_wav(waveforms: torch.Tensor, path: str | os.PathLike, sample_rate: int
 
 def save_sample_grid(samples: torch.Tensor, path: str | os.PathLike, nrow: int, value_range=(0.0, 1.0),
                      sample_rate: int = 0) -> list[Path]:
-    """Images and clips -> one PNG grid. Waveforms (B, C, T) -> a PNG grid of their spectrograms, and,
-    given the sample rate, the same samples in grid order as a wav beside it."""
+    """Images -> one PNG grid. Clips (B, C, F, H, W) -> a PNG grid of film strips and the same grid
+    animated as a GIF beside it. Waveforms (B, C, T) -> a PNG grid of their spectrograms, and, given
+    the sample rate, the same samples in grid order as a wav beside it."""
     path = Path(path)
+    if samples.dim() == 5:
+        return [save_image_grid(samples, path, nrow, value_range),
+                save_clip_gif(samples, path.with_suffix(".gif"), nrow, value_range)]
     if samples.dim() != 3 or samples.shape[1] > 4 or samples.shape[2] <= 64:  # not (B, C, T) audio
         return [save_image_grid(samples, path, nrow, value_range)]
     written = [save_image_grid(spectrogram_images(samples, value_range), path, nrow)]

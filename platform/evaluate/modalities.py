@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 
 class PrefixedTracker:
-    """A tracker view that names metrics `<head>/<modality>/<rest>` (eval/fd -> eval/audio/fd) and
-    files artifacts under `<folder>/<modality>`."""
+    """A tracker view that names metrics and step images `<head>/<modality>/<rest>` (eval/fd ->
+    eval/audio/fd) and files artifacts under `<folder>/<modality>`."""
 
     def __init__(self, inner, modality: str):
         self.inner, self.modality = inner, modality
@@ -23,6 +23,9 @@ class PrefixedTracker:
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(path, f"{artifact_path}/{self.modality}" if artifact_path else self.modality)
+
+    def log_image(self, path, key: str, step: int) -> None:
+        self.inner.log_image(path, self.rename(key), step)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

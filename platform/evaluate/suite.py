@@ -5,16 +5,20 @@ During training its callback evaluates the EMA model every `every` steps (and at
 the last step); `selfflow eval` runs the same code on a finished run and logs into
 the same MLflow run at the checkpoint's step.
 
-Logged (step = training step):
+Logged (step = training step), named so that the MLflow UI's chart sections (one per name up to
+its last '/') each hold one kind of figure:
   eval/fd                  Fréchet distance, N generated samples vs the test split, evaluator features
   eval/fd_data_floor       the same with N real train images in place of samples (what a perfect model scores)
   eval/sample_class_acc    share of samples of class c the evaluator labels c (class-conditional models)
   eval/precision, recall   k-NN precision/recall on evaluator features
   eval/evaluator_test_acc  the evaluator's own test accuracy (is it competent?)
-  probe/{linear,knn}/block{k}/t{level}, probe/{linear,knn}/best, probe/linear/best_block
-  loss_by_t/bucket{i}, loss_by_t/overall
-  eval/seconds*, eval/cpu_seconds   the cost of this evaluation (wall; CPU of this process)
-Artifacts (folder `eval`): probe heatmap and loss-by-t PNGs, the metrics as JSON.
+  probe/{linear,knn}/best, probe/linear/best_block   the headline of the probes
+  probe_grid/{linear,knn}/t{level}_block{k}          every cell (the heatmap's numbers), one section per kind
+  loss_by_t/t{lo}-{hi}, loss_by_t/overall            held-out loss per t interval [lo, hi)
+  timing/eval/*_seconds, timing/eval/cpu_seconds, timing/eval/generated_samples
+                           the cost of this evaluation (wall; CPU of this process; samples generated)
+Step images (the UI's image view): eval/probe_heatmap, eval/loss_by_t.
+Artifacts (folder `eval`): the same PNGs, the metrics as JSON.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ if TYPE_CHECKING:  # torchmetrics is imported when an evaluation runs, not with 
 log = logging.getLogger("selfflow.evaluation")
 
 DEFAULT_PROBE_LEVELS = (0.0, 0.25, 0.5, 0.75)
+TIMING = "timing/eval/"  # the cost of an evaluation, apart from its quality figures under eval/
+STEP_IMAGES = {"probes": "eval/probe_heatmap", "loss_by_t": "eval/loss_by_t"}  # file name start -> image key
 
 
 @dataclass
@@ -208,7 +214,7 @@ class EvalSuite:
         images, labels = self.generate_samples(experiment, model, context, num_samples, seed)
         features, logits = batched_outputs(context.evaluator.network, images)
         metrics = {"eval/fd": context.reference(features), "eval/fd_data_floor": self.data_floor(context, num_samples),
-                   "eval/num_samples": float(num_samples)}
+                   f"{TIMING}generated_samples": float(num_samples)}
         if labels is not None and logits is not None and logits.shape[1] == experiment.num_classes:
             metrics["eval/sample_class_acc"] = class_accuracy(logits, labels)
         k = self.precision_recall_k
@@ -253,6 +259,9 @@ class EvalSuite:
         tracker.log_metrics(metrics, step=int(step))
         for path in artifacts:
             tracker.log_artifact(path, "eval")
+            key = STEP_IMAGES.get(path.name.split("-step")[0])
+            if key is not None:
+                tracker.log_image(path, key, int(step))
         return metrics
 
     def _measure(self, experiment, model: nn.Module, step: int, run_dir,
@@ -262,7 +271,7 @@ class EvalSuite:
         metrics: dict[str, float] = {}
         fit_cpu = 0.0
         if context.evaluator.fitted_now:
-            metrics["eval/seconds_evaluator_fit"] = context.evaluator.metrics.get("fit_seconds", 0.0)
+            metrics[f"{TIMING}evaluator_fit_seconds"] = context.evaluator.metrics.get("fit_seconds", 0.0)
             fit_cpu = context.evaluator.metrics.get("fit_cpu_seconds", 0.0)
             context.evaluator.fitted_now = False
         if "test_accuracy" in context.evaluator.metrics:
@@ -271,23 +280,23 @@ class EvalSuite:
         if self.generation:
             tick = time.perf_counter()
             metrics.update(self.generation_metrics(experiment, model, context))
-            metrics["eval/seconds_generation"] = time.perf_counter() - tick
+            metrics[f"{TIMING}generation_seconds"] = time.perf_counter() - tick
         if self.probes:
             tick = time.perf_counter()
             probes = self.probe_results(experiment, model, context)
             metrics.update(probe_metrics(probes))
-            metrics["eval/seconds_probes"] = time.perf_counter() - tick
+            metrics[f"{TIMING}probes_seconds"] = time.perf_counter() - tick
             artifacts.append(plot_probe_heatmap(probes, out_dir / f"probes-step{step:08d}.png", step))
         if self.stratified:
             tick = time.perf_counter()
             losses = self.loss_results(experiment, model, context)
             metrics.update(loss_metrics(losses))
-            metrics["eval/seconds_loss_by_t"] = time.perf_counter() - tick
+            metrics[f"{TIMING}loss_by_t_seconds"] = time.perf_counter() - tick
             artifacts.append(plot_loss_by_t(losses, out_dir / f"loss_by_t-step{step:08d}.png", step))
-        fit = metrics.get("eval/seconds_evaluator_fit", 0.0)
-        metrics["eval/seconds"] = time.perf_counter() - started - fit
+        fit = metrics.get(f"{TIMING}evaluator_fit_seconds", 0.0)
+        metrics[f"{TIMING}seconds"] = time.perf_counter() - started - fit
         # CPU time of this process (all threads): the cost that wall time hides on a shared machine.
-        metrics["eval/cpu_seconds"] = time.process_time() - started_cpu - fit_cpu
+        metrics[f"{TIMING}cpu_seconds"] = time.process_time() - started_cpu - fit_cpu
         artifacts.append(write_json_atomic({"step": int(step), "evaluator": context.evaluator.key,
                                             "metrics": metrics}, out_dir / f"metrics-step{step:08d}.json"))
         return metrics, artifacts
@@ -321,14 +330,23 @@ def probe_metrics(results: ProbeResults) -> dict[str, float]:
             continue
         for row, block in enumerate(results.blocks):
             for col, level in enumerate(results.levels):
-                metrics[f"probe/{kind}/block{block}/{level_name(level)}"] = float(table[row, col])
+                metrics[f"probe_grid/{kind}/{level_name(level)}_block{block}"] = float(table[row, col])
         metrics[f"probe/{kind}/best"] = results.best(kind)[0]
     metrics["probe/linear/best_block"] = float(results.best("linear")[1])
     return metrics
 
 
+def bucket_name(low: float, high: float, buckets: int) -> str:
+    """A loss_by_t bucket by its t interval: t0.00-0.10 (enough decimals to tell the edges apart)."""
+    digits = max(2, len(str(buckets)))
+    return f"t{low:.{digits}f}-{high:.{digits}f}"
+
+
 def loss_metrics(losses: StratifiedLoss) -> dict[str, float]:
-    metrics = {f"loss_by_t/bucket{i}": float(value) for i, value in enumerate(losses.means)}
+    edges = [float(edge) for edge in losses.edges]
+    buckets = len(edges) - 1
+    metrics = {f"loss_by_t/{bucket_name(edges[i], edges[i + 1], buckets)}": float(value)
+               for i, value in enumerate(losses.means)}
     metrics["loss_by_t/overall"] = losses.overall
     return metrics
 

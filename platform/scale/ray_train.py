@@ -21,7 +21,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,10 +36,13 @@ import torch
 from selfflow.platform import host
 from selfflow.platform.config import bootstrap as gin_config
 from selfflow.platform.config.devices import parse_device, resolve_device
-from selfflow.platform.errors import DEBUG_ENV, ConfigError, TrainingError, UserError, debug_enabled
-from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, git_commit
+from selfflow.platform.errors import DEBUG_ENV, ConfigError, TrainingError, UserError, debug_enabled, first_line
+from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, tracking_uri_for
+from selfflow.platform.tracking.provenance import unique_run_name
 from selfflow.platform.train import checkpoint as ckpt
-from selfflow.platform.train.driver import RunResult, RunSpec, prepare_run, run_training
+from selfflow.platform.train import run_folder
+from selfflow.platform.train.driver import PreparedRun, RunResult, RunSpec, launch_tags, prepare, run_training
+from selfflow.platform.train.interrupts import RunInterrupted
 from selfflow.platform.train.parallel import ddp_wrapper
 
 ReportFn = Callable[[dict[str, float], "Path | None"], None]
@@ -247,10 +253,23 @@ def train_distributed(
     parent_run_id: str | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """`selfflow train --workers N`: the launcher's side."""
+    """`selfflow train --workers N`: the launcher's side (it holds the run folder's lock)."""
+    uri = (tracking_uri or tracking_uri_for(runs_dir)) if tracking else None
+    if uri:
+        check_sqlite_store(uri)
+    prepared = prepare(gin_files, gin_params, run_dir=run_dir, runs_dir=runs_dir, resume=resume, tracking_uri=uri)
+    try:
+        return _launch(prepared, scaling, gin_files, gin_params, runs_dir=runs_dir, resume=resume, tracking_uri=uri,
+                       experiment_name=experiment_name, parent_run_id=parent_run_id, progress=progress)
+    finally:
+        run_folder.release(prepared.run_dir)
+
+
+def _launch(prepared: PreparedRun, scaling: Scaling, gin_files: Sequence[str], gin_params: Sequence[str], *, runs_dir, resume: bool, tracking_uri: str | None,
+            experiment_name: str | None, parent_run_id: str | None, progress: bool) -> RunResult:
     from selfflow.platform.scale import ray_cluster
 
-    config_str, run_dir = prepare_run(gin_files, gin_params, run_dir=run_dir, runs_dir=runs_dir, resume=resume)
+    config_str, run_dir = prepared.config_str, prepared.run_dir
     import gin
 
     name = str(gin.query_parameter("build_experiment.name")) if _bound("build_experiment.name") else "experiment"
@@ -258,19 +277,21 @@ def train_distributed(
     timeout_s = (float(gin.query_parameter("TrainConfig.process_group_timeout_s"))
                  if _bound("TrainConfig.process_group_timeout_s") else 1800.0)
     checkpoint_dir = run_dir / "checkpoints"
-    _, state = ckpt.load_latest(checkpoint_dir) if resume else (None, None)
+    source, state = ckpt.load_latest(checkpoint_dir) if resume else (None, None)
+    if state is not None:
+        check_worker_count(state, source, scaling.workers)
 
     cluster = ray_cluster.connect(worker_env=worker_environment(host_preset))
     ray_cluster.check_fits(cluster, scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker,
                            "distributed training")
-    uri, run_id, launcher_tracker = None, None, None
-    if tracking:
-        uri = tracking_uri or default_tracking_uri(runs_dir)
+    uri, run_id, launcher_tracker, tags = tracking_uri, None, None, {}
+    if uri:
+        tags = launch_tags(gin_files, gin_params, extra=f"Data-parallel on {scaling.workers} Ray Train workers.")
         # The launcher opens the run (and resolves the experiment) once; workers only reopen it by id.
         launcher_tracker = MLflowTracker(
             tracking_uri=uri, experiment=experiment_name or "selfflow",
-            run_id=(state or {}).get("mlflow_run_id") or None, run_name=name,
-            tags={"git_commit": git_commit(), "run_dir": str(run_dir), "workers": str(scaling.workers)},
+            run_id=(state or {}).get("mlflow_run_id") or None, run_name=unique_run_name(name),
+            tags={"run_dir": str(run_dir), "workers": str(scaling.workers), **tags},
             parent_run_id=parent_run_id, runs_dir=runs_dir,
         )
         run_id = launcher_tracker.run_id
@@ -278,13 +299,17 @@ def train_distributed(
             launcher_tracker.log_params(gin_config.flatten_config(config_str))
         launcher_tracker.log_params({"ray.workers": scaling.workers, "ray.cpus_per_worker": scaling.cpus_per_worker,
                                      "ray.gpus_per_worker": scaling.gpus_per_worker})
+        launcher_tracker.flush(10.0)  # the launcher has no journal: deliver before the workers start
     spec = RunSpec(config_str=config_str, run_dir=str(run_dir), cwd=os.getcwd(), tracking_uri=uri,
-                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id,
-                   threads=max(1, int(scaling.cpus_per_worker)), progress=progress)
+                   experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id, tags=tags,
+                   threads=max(1, int(scaling.cpus_per_worker)), progress=progress,
+                   resume_changes=prepared.resume_changes)
     trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}", timeout_s=timeout_s)
     started = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
+    except KeyboardInterrupt as interrupt:  # SIGINT / SIGTERM on the launcher
+        raise stop_workers(interrupt, run_dir, run_id, uri, launcher_tracker) from None
     except Exception as error:
         if launcher_tracker is not None:
             launcher_tracker.client.set_terminated(run_id, status="FAILED")
@@ -293,6 +318,59 @@ def train_distributed(
     metrics["train/wall_s"] = time.perf_counter() - started
     return RunResult(run_dir=run_dir, mlflow_run_id=run_id, final_metrics=metrics,
                      checkpoint=ckpt.latest(checkpoint_dir), tracking_uri=uri)
+
+
+def check_worker_count(state: dict[str, Any], source: Any, workers: int) -> None:
+    """A checkpoint holds one generator state per worker: resuming with another count is refused
+    before Ray starts or the MLflow run is touched."""
+    saved = len(state.get("rank_generators") or []) or 1
+    if saved != workers:
+        raise UserError(f"checkpoint {source} was written by {saved} worker(s), this run asks for {workers}: "
+                        f"resume with --workers {saved}")
+
+
+def fit_interruptibly(trainer):
+    """trainer.fit() in a helper thread while the main thread waits, so SIGINT and SIGTERM reach this
+    process's handlers (Ray replaces SIGINT's handler with its own, exiting 0, when fit runs in the
+    main thread)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="selfflow-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def stop_workers(interrupt: KeyboardInterrupt, run_dir: Path, run_id: str | None, uri: str | None,
+                 launcher_tracker) -> RunInterrupted:
+    """A signal reached the launcher: stop Ray's workers (they keep their last periodic checkpoint),
+    mark the MLflow run KILLED, and return the RunInterrupted the CLI reports."""
+    import ray
+
+    from selfflow.platform.scale import ray_cluster
+
+    ray_cluster.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()  # a shared cluster: disconnecting ends this job's actors
+    stopped = interrupt if isinstance(interrupt, RunInterrupted) else RunInterrupted(signal.SIGINT)
+    stopped.newest_checkpoint = ckpt.latest(run_dir / "checkpoints")
+    if launcher_tracker is not None and run_id:
+        try:
+            launcher_tracker.client.set_terminated(run_id, status="KILLED")
+            stopped.mlflow_run_id, stopped.tracking_uri = run_id, uri
+        except Exception as error:  # the store is gone: say so in the same line's place
+            print(f"selfflow: warning: could not mark MLflow run {run_id} KILLED: {first_line(error)}",
+                  file=sys.stderr, flush=True)
+    return stopped
 
 
 def worker_environment(host_preset: str = "stock") -> dict[str, str]:

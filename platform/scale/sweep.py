@@ -18,9 +18,14 @@ specs, grid crossed) or 'optuna' (TPE over choice/uniform/loguniform; one seed).
 'fifo' or 'asha' (early stopping on `metric`, in training steps).
 
 MLflow: the driver resolves the experiment and opens one parent run (the spec as an
-artifact); each trial opens one child run (tag mlflow.parentRunId, its sampled bindings as
-params) and writes its id into its trial folder, so a retried trial (from its last
-checkpoint, Tune's FailureConfig) keeps writing into the same child run.
+artifact; its journal in the sweep folder); each trial opens one child run (tag
+mlflow.parentRunId, tag sweep.group = its sampled bindings without the seed, so the UI groups
+children by objective or value; its sampled bindings as params) and writes its id into its trial
+folder, so a retried trial (from its last checkpoint, Tune's FailureConfig) keeps writing into
+the same child run. When the trials are done the parent holds the comparison (platform/tracking/
+compare.py) as a table (`compare/comparison.json`, the UI's table view) and text, the
+metric-versus-step plots, a table of the trials (`sweep/trials.json`) and, in its description,
+a link to every child run.
 
 Resources: a trial with one worker trains inside its Tune trial (cpus_per_worker CPUs); with
 several it builds and fits a TorchTrainer and its Tune trial reserves no CPU (a Tune trial
@@ -46,6 +51,7 @@ from selfflow.components.files import write_text_atomic
 from selfflow.platform import host
 from selfflow.platform.config import bootstrap as gin_config
 from selfflow.platform.config.configurable import configurable
+from selfflow.platform.config.experiment import train_config_from_gin
 from selfflow.platform.errors import ConfigError, UserError
 from selfflow.platform.scale.ray_train import (
     Scaling,
@@ -55,7 +61,7 @@ from selfflow.platform.scale.ray_train import (
     worker_device,
     worker_environment,
 )
-from selfflow.platform.train.driver import RunSpec
+from selfflow.platform.train.driver import RunSpec, experiment_name_in_config, launch_tags
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 SEARCHES = ("grid", "random", "optuna")
@@ -63,6 +69,10 @@ SCHEDULERS = ("fifo", "asha")
 INCLUDE_KEY = "include"
 SEED_KEY = "TrainConfig.seed"
 RUN_ID_FILE = "mlflow_run_id.txt"
+# A sweep run on given trial points (a study: platform/scale/study.py) grids over this one key; each
+# value is JSON (Tune leaves a string alone) of the sampled bindings, the trial's own run folder and
+# the tags of its MLflow run.
+POINT_KEY = "_point"
 
 
 # ---- the spec -----------------------------------------------------------------------------------
@@ -235,9 +245,11 @@ def representative_points(spec: SweepSpec, limit: int = 64) -> list[dict[str, An
     return points
 
 
-def tune_space(spec: SweepSpec) -> dict[str, Any]:
+def tune_space(spec: SweepSpec, points: Sequence[dict] | None = None) -> dict[str, Any]:
     from ray import tune
 
+    if points is not None:
+        return {POINT_KEY: tune.grid_search([json.dumps(point, sort_keys=True) for point in points])}
     space: dict[str, Any] = {}
     for key, (kind, *args) in spec.space.items():
         if kind == "grid":
@@ -257,7 +269,7 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """What every trial shares, shipped by the driver."""
+    """What every trial shares, shipped by the driver (tags: the launcher's provenance)."""
 
     spec: SweepSpec
     base_config: str
@@ -266,39 +278,65 @@ class TrialPlan:
     tracking_uri: str | None
     experiment_id: str | None
     parent_run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def given_point(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial point a caller gave (run_sweep(points=...)), or {}."""
+    raw = config.get(POINT_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def _sampled(plan: TrialPlan, config: dict[str, Any]) -> dict[str, Any]:
+    if POINT_KEY in config:
+        return dict(given_point(config)["sampled"])
     keys = [*plan.spec.space, SEED_KEY]
     return {key: config[key] for key in keys}
 
 
-def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[str, Any], config_str: str) -> str | None:
+def child_tags(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[str, Any],
+               extra_tags: dict[str, str] | None = None) -> dict[str, str]:
+    """A child run's tags: the sweep's provenance, its group and seed, a description linking its parent,
+    and what the caller adds (a study's trial key)."""
+    group = group_label(sampled)
+    parent = (f"[{plan.spec.name}](#/experiments/{plan.experiment_id}/runs/{plan.parent_run_id})"
+              if plan.parent_run_id else plan.spec.name)
+    note = f"Trial `{trial_id}` of sweep {parent}: `{group}`, seed {sampled[SEED_KEY]}."
+    tags = {
+        **plan.tags,
+        "mlflow.parentRunId": plan.parent_run_id or "",
+        "sweep": plan.spec.name,
+        "sweep.trial_id": trial_id,
+        "sweep.group": group,
+        "seed": str(sampled[SEED_KEY]),
+        "run_dir": str(run_dir),
+        "mlflow.note.content": note,
+        **(extra_tags or {}),
+    }
+    return {key: value for key, value in tags.items() if value}
+
+
+def open_child_run(plan: TrialPlan, run_dir: Path, trial_id: str, sampled: dict[str, Any], config_str: str,
+                   extra_tags: dict[str, str] | None = None) -> str | None:
     """Create this trial's child run once; a retry reads its id back from the trial folder."""
     if not plan.tracking_uri:
         return None
     id_file = run_dir / RUN_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
-    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
+    from selfflow.platform.tracking import records
+    from selfflow.platform.tracking.provenance import unique_run_name
+
     client = MlflowClient(tracking_uri=plan.tracking_uri)
-    tags = {
-        "mlflow.parentRunId": plan.parent_run_id or "",
-        "sweep": plan.spec.name,
-        "sweep.trial_id": trial_id,
-        "sweep.group": group_label(sampled),
-        "seed": str(sampled[SEED_KEY]),
-        "run_dir": str(run_dir),
-    }
-    run = client.create_run(plan.experiment_id, run_name=f"{plan.spec.name}-{trial_id}",
-                            tags={k: v for k, v in tags.items() if v})
+    name = experiment_name_in_config()
+    run = client.create_run(plan.experiment_id, run_name=unique_run_name(f"{name}-seed{sampled[SEED_KEY]}"),
+                            tags={key: records.tag_value(value)
+                                  for key, value in child_tags(plan, run_dir, trial_id, sampled, extra_tags).items()})
     params = gin_config.flatten_config(config_str)
     params.update({key: str(value) for key, value in sampled.items()})  # the sampled values win
-    items = [Param(key[:250], value[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    records.send_params(client, run.info.run_id, records.param_items(params))
     write_text_atomic(id_file, run.info.run_id + "\n")
     return run.info.run_id
 
@@ -309,20 +347,23 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     try:
         trial_id = tune.get_context().get_trial_id()
-        run_dir = Path(plan.sweep_dir) / "trials" / trial_id
+        point = given_point(config)
+        run_dir = Path(point.get("run_dir") or Path(plan.sweep_dir) / "trials" / trial_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.path.isdir(plan.cwd):
             os.chdir(plan.cwd)
         sampled = _sampled(plan, config)
-        overrides = tuple(trial_bindings(plan.spec, sampled))
+        overrides = tuple(trial_bindings(plan.spec, sampled)) + tuple(point.get("bindings") or ())
         gin_config.parse_config_string(plan.base_config, overrides)
-        run_id = open_child_run(plan, run_dir, trial_id, sampled, gin.config_str())
+        extra_tags = dict(point.get("tags") or {})
+        run_id = open_child_run(plan, run_dir, trial_id, sampled, gin.config_str(), extra_tags)
         spec = plan.spec
         run = RunSpec(
             config_str=plan.base_config, overrides=overrides, run_dir=str(run_dir), cwd=plan.cwd,
             tracking_uri=plan.tracking_uri, experiment_name=spec.experiment, mlflow_run_id=run_id,
             threads=max(1, int(spec.cpus_per_worker)),
-            tags={"sweep": spec.name, "sweep.group": group_label(sampled)},
+            tags=(child_tags(plan, run_dir, trial_id, sampled, extra_tags) if plan.tracking_uri
+                  else {"sweep": spec.name, "sweep.group": group_label(sampled), **extra_tags}),
         )
         if spec.workers_per_trial == 1:
             use_gpu = spec.gpus_per_worker > 0
@@ -376,8 +417,11 @@ def validate(spec: SweepSpec, base_config: str) -> int:
         overrides = trial_bindings(spec, point)
         try:
             gin_config.parse_config_string(base_config, overrides)
+            gin_config.check_types([], overrides)  # a value of the wrong type, before any trial starts
+            train_config_from_gin()  # and TrainConfig's own checks (ranges, betas, ...)
         except ConfigError as error:
-            raise ConfigError(f"sweep {spec.name}, trial bindings {overrides}: {error.one_line()}") from None
+            reason = re.sub(r"^--gin_param \d+: ", "", error.one_line())  # the bindings are listed already
+            raise ConfigError(f"sweep {spec.name}, trial bindings {overrides}: {reason}") from None
         if steps is None:
             try:
                 steps = int(gin.query_parameter("TrainConfig.steps"))
@@ -440,7 +484,7 @@ def _brief(result: dict | None) -> str:
 
 
 def run_sweep(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     overrides: Sequence[str] = (),
     *,
     runs_dir: str | os.PathLike = "runs",
@@ -448,30 +492,49 @@ def run_sweep(
     tracking: bool = True,
     tracking_uri: str | None = None,
     compare: bool = True,
+    spec: SweepSpec | None = None,
+    points: Sequence[dict] | None = None,
+    parent_tags: dict[str, str] | None = None,
+    description: str = "",
 ) -> SweepResult:
+    """Run the sweep of a file (or a ready `spec`). `points`: run exactly these trials instead of the
+    spec's space, each {'sampled': {binding: value, TrainConfig.seed: n}, 'run_dir': folder, 'tags':
+    {...}, 'bindings': [extra bindings, applied last]} (what platform/scale/study.py passes);
+    `description` stands for the file's header comment on the parent run when there is no file."""
     from ray import tune
 
     from selfflow.platform.scale import ray_cluster
-    from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, git_commit
+    from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
+    from selfflow.platform.tracking.provenance import unique_run_name
 
     # Evaluation metrics (eval/fd) appear only at eval steps; ASHA skips results without them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     started = time.perf_counter()
-    spec, spec_text = load_spec(path, overrides)
+    if spec is None:
+        spec, spec_text = load_spec(path, overrides)
+    else:
+        spec_text = f"# sweep {spec.name}: the spec is spec.json, its trials points.json\n"
     base_config = gin_config.parse(spec.base_files, []) if spec.base_files else ""
     steps = validate(spec, base_config)
     sweep_dir = Path(sweep_dir or Path(runs_dir) / "sweeps" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep_dir / "sweep.gin", spec_text)
     write_text_atomic(sweep_dir / "spec.json", json.dumps(asdict(spec), indent=2, default=str))
+    if points is not None:
+        write_text_atomic(sweep_dir / "points.json", json.dumps(list(points), indent=2, default=str))
 
     uri = parent_id = experiment_id = None
     parent = None
+    provenance_tags: dict[str, str] = {}
     if tracking:
         uri = tracking_uri or default_tracking_uri(runs_dir)
-        parent = MLflowTracker(tracking_uri=uri, experiment=spec.experiment, run_name=f"sweep-{spec.name}",
-                               tags={"sweep": spec.name, "sweep.role": "parent", "git_commit": git_commit(),
-                                     "sweep_dir": str(sweep_dir)}, runs_dir=runs_dir)
+        launched = launch_tags([str(path)], overrides)
+        provenance_tags = {k: v for k, v in launched.items() if k != "mlflow.note.content"}  # a child has its own
+        parent = MLflowTracker(tracking_uri=uri, experiment=spec.experiment,
+                               run_name=unique_run_name(f"sweep-{spec.name}"),
+                               tags={**launched, "sweep": spec.name, "sweep.role": "parent", "sweep_dir": str(sweep_dir),
+                                     **(parent_tags or {})},
+                               runs_dir=runs_dir, journal_dir=sweep_dir)
         parent_id, experiment_id = parent.run_id, parent.experiment_id
         parent.log_params({"sweep.search": spec.search, "sweep.scheduler": spec.scheduler,
                            "sweep.metric": spec.metric, "sweep.seeds": spec.seeds,
@@ -484,7 +547,7 @@ def run_sweep(
     print(f"selfflow sweep: {spec.name}: {spec.search} search, {spec.scheduler} scheduler, up to {limit} trials "
           f"at once on {cluster.num_cpus:g} CPUs; folder {sweep_dir}", flush=True)
     plan = TrialPlan(spec=spec, base_config=base_config, sweep_dir=str(sweep_dir), cwd=os.getcwd(),
-                     tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_id)
+                     tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_id, tags=provenance_tags)
     if spec.workers_per_trial == 1:
         resources: dict[str, float] = {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
     else:
@@ -492,7 +555,7 @@ def run_sweep(
     search_alg, scheduler = _search_and_scheduler(spec, steps)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources),
-        param_space=tune_space(spec),
+        param_space=tune_space(spec, points),
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=spec.num_samples, max_concurrent_trials=limit,
@@ -520,11 +583,19 @@ def run_sweep(
         parent.log_metrics({"sweep/trials": len(outcomes), "sweep/failed": len(result.failed),
                             "sweep/wall_s": result.wall_s}, step=0)
         parent.log_artifact(summary, "sweep")
+        from selfflow.platform.tracking.provenance import first_header
+
+        header = first_header([gin_config.resolve_config_file(path)]) if path else description
+        describe_children(parent, spec, outcomes, header)
     if compare and parent_id:
         from selfflow.platform.tracking.compare import compare_runs
 
-        result.comparison = compare_runs(tracking_uri=uri, parent_run_id=parent_id, metrics=spec.compare_metrics or None,
-                                         out_dir=sweep_dir / "compare", log_to_run=parent_id)
+        try:
+            result.comparison = compare_runs(tracking_uri=uri, parent_run_id=parent_id,
+                                             metrics=spec.compare_metrics or None, out_dir=sweep_dir / "compare",
+                                             tracker=parent)
+        except UserError as error:  # e.g. a Sweep.compare_metrics no trial logged: the trials still count
+            print(f"selfflow: warning: sweep comparison skipped: {error.one_line()}", file=sys.stderr, flush=True)
     if parent is not None:
         parent.log_metrics({"sweep/wall_s": time.perf_counter() - started}, step=1)
         parent.finish("FINISHED")
@@ -536,7 +607,8 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
     config = result.config or {}
     metrics = result.metrics or {}
     trial_id = str(metrics.get("trial_id") or Path(result.path).name)
-    sampled = {key: config.get(key) for key in [*spec.space, SEED_KEY]}
+    point = given_point(config)
+    sampled = dict(point["sampled"]) if point else {key: config.get(key) for key in [*spec.space, SEED_KEY]}
     reached = int(metrics.get("step", 0) or 0)
     if result.error is not None:
         status = "failed"
@@ -544,7 +616,7 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
         status = "finished"
     else:
         status = "stopped_early"
-    id_file = sweep_dir / "trials" / trial_id / RUN_ID_FILE
+    id_file = Path(point.get("run_dir") or sweep_dir / "trials" / trial_id) / RUN_ID_FILE
     value = metrics.get(spec.metric)
     return TrialOutcome(
         trial_id=trial_id, group=group_label(sampled), seed=int(sampled.get(SEED_KEY) or 0), status=status,
@@ -552,6 +624,39 @@ def _outcome(result, spec: SweepSpec, steps: int, sweep_dir: Path) -> TrialOutco
         run_id=id_file.read_text().strip() if id_file.is_file() else None,
         error=" ".join(str(result.error).split())[:300] if result.error is not None else "",
     )
+
+
+def describe_children(parent, spec: SweepSpec, outcomes: list[TrialOutcome], header: str) -> None:
+    """The parent's description (`header`: the sweep file's header comment, or a study sweep's
+    description; then a link to every child run) and the trials as a table (`sweep/trials.json`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=parent.tracking_uri)
+    names = {}
+    for outcome in outcomes:
+        if outcome.run_id:
+            try:
+                names[outcome.run_id] = client.get_run(outcome.run_id).info.run_name
+            except Exception:  # the link still works without the name
+                names[outcome.run_id] = outcome.run_id
+    ordered = sorted(outcomes, key=lambda t: (t.group, t.seed))
+    rows = ["| run | group | seed | status | steps | " + spec.metric + " |", "|---|---|---|---|---|---|"]
+    for t in ordered:
+        link = (f"[{names.get(t.run_id, t.run_id)}](#/experiments/{parent.experiment_id}/runs/{t.run_id})"
+                if t.run_id else t.trial_id)
+        metric = f"{t.metric:.4g}" if t.metric is not None else "-"
+        rows.append(f"| {link} | `{t.group}` | {t.seed} | {t.status} | {t.steps} | {metric} |")
+    note = "\n\n".join(part for part in (header, f"**{len(outcomes)} trials** (child runs):", "\n".join(rows)) if part)
+    parent.set_tags({"mlflow.note.content": note})
+    parent.log_table({
+        "run": [names.get(t.run_id, "") for t in ordered],
+        "run_id": [t.run_id or "" for t in ordered],
+        "group": [t.group for t in ordered],
+        "seed": [t.seed for t in ordered],
+        "status": [t.status for t in ordered],
+        "steps": [t.steps for t in ordered],
+        spec.metric: [t.metric for t in ordered],
+    }, "sweep/trials.json")
 
 
 def _close_child_runs(outcomes: list[TrialOutcome], uri: str | None) -> None:

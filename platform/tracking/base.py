@@ -8,13 +8,21 @@ from typing import Mapping, Protocol
 class Tracker(Protocol):
     run_id: str | None
 
-    def log_params(self, params: Mapping[str, object]) -> None: ...
+    def log_params(self, params: Mapping[str, object], where: str = "") -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None: ...
+
+    def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None: ...
+
+    def log_dataset(self, dataset: Mapping[str, object]) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -24,7 +32,7 @@ class NullTracker:
 
     run_id = None
 
-    def log_params(self, params):
+    def log_params(self, params, where=""):
         pass
 
     def log_metrics(self, metrics, step):
@@ -34,6 +42,18 @@ class NullTracker:
         pass
 
     def set_tags(self, tags):
+        pass
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_image(self, path, key, step):
+        pass
+
+    def log_table(self, columns, artifact_file):
+        pass
+
+    def log_dataset(self, dataset):
         pass
 
     def finish(self, status="FINISHED"):

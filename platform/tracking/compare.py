@@ -1,5 +1,6 @@
 """`selfflow compare`: runs grouped by objective/config, final metrics as mean ± 95% interval
-over seeds, and metric-vs-step plots per group; printed and logged to MLflow.
+over seeds, and metric-vs-step plots per group; printed and logged to MLflow (the table also as
+an MLflow table, `compare/comparison.json`, which the UI shows as a table).
 
 Runs are chosen by a sweep's parent run (its children), an experiment, and/or an MLflow
 filter string. A run's group is its sweep group (tag `sweep.group`, i.e. its sampled
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 from selfflow.components.files import atomic_path, write_text_atomic
-from selfflow.platform.errors import UserError
+from selfflow.platform.errors import UserError, first_line
 
 DEFAULT_METRICS = (
     "loss/total", "loss/flow", "loss/rep", "eval/fd", "eval/sample_class_acc", "probe/linear/best",
 )
 PLOT_PREFIXES = ("loss/", "eval/fd", "eval/sample_class_acc", "probe/linear/best", "probe/knn/best")
 EXCLUDED_ROLES = ("parent", "compare")
+TABLE_FILE = "compare/comparison.json"
 
 
 def without_modality(metric: str) -> str:
@@ -102,7 +104,7 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
         try:
             parent = client.get_run(parent_run_id)
         except Exception as error:
-            raise UserError(f"no MLflow run {parent_run_id}: {str(error).splitlines()[0][:160]}") from None
+            raise UserError(f"no MLflow run {parent_run_id}: {first_line(error, 160)}") from None
         experiment_ids = [parent.info.experiment_id]
         clauses.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
     elif experiment:
@@ -116,8 +118,14 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
         clauses.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string=" and ".join(clauses), max_results=1000,
-                                  page_token=token)
+        try:
+            page = client.search_runs(experiment_ids, filter_string=" and ".join(clauses), max_results=1000,
+                                      page_token=token)
+        except Exception as error:  # MLflow refuses a filter it cannot parse (INVALID_PARAMETER_VALUE)
+            if getattr(error, "error_code", None) != "INVALID_PARAMETER_VALUE" or not filter_string:
+                raise
+            raise UserError(f"--filter {filter_string!r} is not a valid MLflow filter: {first_line(error, 200)} "
+                            f"(e.g. \"tags.objective = 'SelfFlowObjective'\")") from None
         runs += [r for r in page if r.data.tags.get("sweep.role") not in EXCLUDED_ROLES]
         token = page.token
         if not token:
@@ -128,9 +136,13 @@ def find_runs(client, *, experiment: str | None = None, parent_run_id: str | Non
 
 
 def group_runs(runs: list, metrics: Sequence[str]) -> list[GroupStats]:
+    """Runs grouped by `run_group`; a run that did not finish (RUNNING, which a killed process
+    leaves, KILLED, FAILED) forms a group of its own status, never averaged with finished runs."""
     groups: dict[str, GroupStats] = {}
     for run in runs:
         key = run_group(run)
+        if run.info.status != "FINISHED":
+            key = f"{key} [{run.info.status}]"
         stats = groups.setdefault(key, GroupStats(key, [], []))
         stats.run_ids.append(run.info.run_id)
         stats.seeds.append(run.data.tags.get("seed") or run.data.params.get("TrainConfig.seed", "?"))
@@ -200,6 +212,18 @@ def plot_histories(histories: dict[str, dict[str, list]], folder: Path) -> list[
     return paths
 
 
+def table_columns(groups: list[GroupStats], metrics: Sequence[str]) -> dict[str, list]:
+    """The comparison as columns (an MLflow table): group, runs, seeds, then mean, ci95, n per metric."""
+    columns: dict[str, list] = {"group": [g.group for g in groups], "runs": [len(g.run_ids) for g in groups],
+                                "seeds": [" ".join(g.seeds) for g in groups]}
+    for metric in metrics:
+        stats = [g.mean_and_halfwidth(metric) for g in groups]
+        columns[f"{metric} mean"] = [mean if math.isfinite(mean) else None for mean, _, _ in stats]
+        columns[f"{metric} ci95"] = [half if math.isfinite(half) else None for _, half, _ in stats]
+        columns[f"{metric} n"] = [n for _, _, n in stats]
+    return columns
+
+
 def write_csv(groups: list[GroupStats], metrics: Sequence[str], path: Path) -> Path:
     with atomic_path(path) as temp, open(temp, "w", newline="") as file:
         writer = csv.writer(file)
@@ -225,18 +249,25 @@ def compare_runs(
     log_new_run: bool = False,
     runs_dir: str | Path = "runs",
     show: bool = True,
+    tracker=None,
 ) -> Comparison:
-    """Compare runs; print the table; write table/CSV/plots to `out_dir`; log them to
-    `log_to_run` (e.g. the sweep's parent run) or, with `log_new_run`, to a new run."""
+    """Compare runs; print the table; write table/CSV/plots to `out_dir`; log them through `tracker`
+    (a sweep's parent run: its journal and queue), to `log_to_run`, or, with `log_new_run`, to a new run."""
     from mlflow.tracking import MlflowClient
 
-    from selfflow.platform.tracking.mlflow_tracker import default_tracking_uri
+    from selfflow.platform.tracking.mlflow_tracker import check_sqlite_store, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(runs_dir)
+    check_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     runs = find_runs(client, experiment=experiment, parent_run_id=parent_run_id, filter_string=filter_string)
     present = set().union(*(r.data.metrics for r in runs))
-    chosen = ([m for m in metrics if m in present] if metrics else default_metrics(present)) or sorted(present)[:6]
+    unknown = [m for m in metrics or () if m not in present]
+    if unknown:
+        logged = ", ".join(sorted(present)[:8]) + (" ..." if len(present) > 8 else "")
+        raise UserError(f"--metric {unknown[0]!r}: none of the {len(runs)} compared runs logged it "
+                        f"(logged: {logged or 'nothing'})")
+    chosen = (list(metrics) if metrics else default_metrics(present)) or sorted(present)[:6]
     groups = group_runs(runs, chosen)
     table = format_table(groups, chosen)
     title = f"comparison of {len(runs)} runs in {len(groups)} groups (mean ± 95% t-interval over seeds)"
@@ -250,14 +281,23 @@ def compare_runs(
     plotted = sorted(m for m in present if m.startswith(PLOT_PREFIXES) or without_modality(m).startswith(PLOT_PREFIXES))
     files += plot_histories(_histories(client, groups, plotted), out_dir / "plots")
 
+    columns = table_columns(groups, chosen)
+    if tracker is not None:
+        for path in files:
+            tracker.log_artifact(path, "compare" if path.suffix != ".png" else "compare/plots")
+        tracker.log_table(columns, TABLE_FILE)
+        return Comparison(groups=groups, metrics=chosen, table=table, files=files)
     target = log_to_run
     if target is None and log_new_run:
         experiment_id = runs[0].info.experiment_id
         target = client.create_run(experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"sweep.role": "compare"}).info.run_id
     if target is not None:
+        from selfflow.platform.tracking.records import send_table
+
         for path in files:
             client.log_artifact(target, str(path), "compare" if path.suffix != ".png" else "compare/plots")
+        send_table(client, target, columns, TABLE_FILE)
         if log_new_run and target != log_to_run:
             client.set_terminated(target, "FINISHED")
     return Comparison(groups=groups, metrics=chosen, table=table, files=files)

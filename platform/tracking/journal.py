@@ -11,8 +11,12 @@ Lines, one JSON object each:
   {"delivered": 8}                      every record with seq <= 8 reached the store
   {"opened": "<tracking uri>", "pid": 123}  a tracker (or sync) opened the journal
 
-A process killed mid-write leaves at most one torn last line; it is skipped on
-reading (its record was never sent: records are sent only after being written).
+A process killed mid-write leaves at most one torn last line. Its record was never sent
+(records are sent only after being written), so the next process to open the journal cuts it
+off the file (truncate), keeping its text in `tracking-journal.jsonl.quarantine`. Any other
+line that is not a journal record (damage, a hand edit) is moved to the same quarantine file
+with one warning, and the journal is rewritten without it (a new file renamed into place), so
+every later open reads a clean journal.
 An exclusive lock (flock) keeps two processes from using one journal at once; the
 kernel drops it when its process dies, so a killed run never leaves a stale lock.
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,45 +66,105 @@ class TrackingJournal:
         if not create and not self.path.is_file():
             raise UserError(f"no tracking journal at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise UserError(
-                f"tracking journal {self.path} is in use by another process (a training run or a sync in progress)"
-            ) from None
+        self._file = self._open_locked()
         self.delivered = 0
         self.tracking_uri: str | None = None
         self.next_seq = 1
         self._unsent: list[Record] = []  # records found undelivered when opening
         self._read()
 
+    def _open_locked(self):
+        """The journal file, opened for appending and exclusively locked. A repair by another
+        process renames a new file into place: a lock taken on the replaced file is retried."""
+        for _ in range(10):
+            file = open(self.path, "a+", encoding="utf-8", errors="surrogateescape")  # bad bytes: a damaged line
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise UserError(f"tracking journal {self.path} is in use by another process (a training run or "
+                                f"a sync in progress)") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(file.fileno()).st_ino:
+                return file
+            file.close()
+        raise UserError(f"tracking journal {self.path} keeps being replaced by another process")
+
     def _read(self) -> None:
         self._file.seek(0)
         text = self._file.read()
-        lines = text.split("\n")
+        lines = text.split("\n")  # the last element is "" when the file ends with a newline
+        kept: list[str] = []
+        damaged: list[tuple[int, str]] = []
+        torn_tail = False
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):  # torn last line of a killed writer: never sent
-                    continue
-                raise UserError(f"tracking journal {self.path} line {number} is not JSON; fix or remove it") from None
-            if "delivered" in raw:
-                self.delivered = max(self.delivered, int(raw["delivered"]))
-            elif "opened" in raw:
-                self.tracking_uri = str(raw["opened"])
-            elif "seq" in raw:
-                record = Record.from_line(raw)
-                self.next_seq = max(self.next_seq, record.seq + 1)
-                self._unsent.append(record)
+                self._take(json.loads(line))
+                kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                damaged.append((number, line))
+                torn_tail = number == len(lines)  # true only for a last line without its newline
         self._unsent = [record for record in self._unsent if record.seq > self.delivered]
-        if text and not text.endswith("\n"):
-            self._file.write("\n")  # start our first line after a torn one
+        if damaged:
+            self._quarantine(damaged, kept, torn_only=torn_tail and len(damaged) == 1,
+                             size=len(text.encode("utf-8", "surrogateescape")))
+
+    def _take(self, raw: Any) -> None:
+        """Apply one parsed line; raises (KeyError, TypeError, ValueError) for anything but a record."""
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        if "delivered" in raw:
+            self.delivered = max(self.delivered, int(raw["delivered"]))
+        elif "opened" in raw:
+            if not isinstance(raw["opened"], str):
+                raise TypeError("opened must name a URI")
+            self.tracking_uri = raw["opened"]
+        elif "seq" in raw:
+            record = Record.from_line(raw)
+            if not isinstance(raw.get("op"), str) or not isinstance(raw.get("run_id"), str):
+                raise TypeError("a record needs an op and a run_id")
+            self.next_seq = max(self.next_seq, record.seq + 1)
+            self._unsent.append(record)
+        else:
+            raise KeyError("no known field")
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".quarantine")
+
+    def _quarantine(self, damaged: list[tuple[int, str]], kept: list[str], torn_only: bool, size: int) -> None:
+        """Keep the damaged lines' text in the quarantine file, then remove them from the journal for
+        good: a torn last line by truncating the file, anything else by rewriting it."""
+        stamp = int(time.time())
+        with open(self.quarantine_path, "a", encoding="utf-8") as out:
+            for number, line in damaged:
+                out.write(json.dumps({"time": stamp, "line": number, "text": line}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        if torn_only:  # a killed writer's unfinished record: never sent, nothing to say
+            torn_bytes = len(damaged[0][1].encode("utf-8", "surrogateescape"))
             self._file.flush()
+            os.ftruncate(self._file.fileno(), size - torn_bytes)
+            self._file.seek(0, os.SEEK_END)
+            return
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temp, "w", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in kept))
+            out.flush()
+            os.fsync(out.fileno())
+        replacement = open(temp, "a+", encoding="utf-8", errors="surrogateescape")
+        fcntl.flock(replacement.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        os.replace(temp, self.path)
+        old, self._file = self._file, replacement
+        old.close()
+        numbers = ", ".join(str(number) for number, _ in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        print(f"selfflow: warning: tracking journal {self.path}: {len(damaged)} damaged line(s) ({numbers}) moved to "
+              f"{self.quarantine_path}", file=sys.stderr, flush=True)
 
     def _write(self, raw: dict[str, Any]) -> None:
         self._file.write(json.dumps(raw, separators=(",", ":")) + "\n")

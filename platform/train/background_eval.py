@@ -39,7 +39,9 @@ REQUEST_FORMAT = "selfflow.background_eval/1"
 
 
 class RecordingTracker:
-    """Collects what an evaluation logs (metrics, artifacts) to replay it on the run's tracker."""
+    """Collects what an evaluation logs (metrics, artifacts, step images, texts, tables) as
+    [method, *arguments] to replay on the run's tracker; params, tags and datasets are the
+    training process's own and are not recorded."""
 
     run_id = None
 
@@ -47,27 +49,43 @@ class RecordingTracker:
         self.calls: list[list[Any]] = []
 
     def log_metrics(self, metrics, step: int) -> None:
-        self.calls.append(["metrics", {key: float(value) for key, value in metrics.items()}, int(step)])
+        self.calls.append(["log_metrics", {key: float(value) for key, value in metrics.items()}, int(step)])
 
     def log_artifact(self, path, artifact_path=None) -> None:
-        self.calls.append(["artifact", str(path), artifact_path])
+        self.calls.append(["log_artifact", str(path), artifact_path])
 
-    def log_params(self, params) -> None:
+    def log_image(self, path, key: str, step: int) -> None:
+        self.calls.append(["log_image", str(path), key, int(step)])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.calls.append(["log_text", text, artifact_file])
+
+    def log_table(self, columns, artifact_file: str) -> None:
+        self.calls.append(["log_table", {key: list(values) for key, values in columns.items()}, artifact_file])
+
+    def log_params(self, params, where: str = "") -> None:
         pass
 
     def set_tags(self, tags) -> None:
+        pass
+
+    def log_dataset(self, dataset) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
 
+REPLAYED = ("log_metrics", "log_artifact", "log_image", "log_text", "log_table")
+
+
 def replay(calls: Sequence[Sequence[Any]], tracker) -> None:
-    for kind, first, second in calls:
-        if kind == "metrics":
-            tracker.log_metrics(first, step=second)
-        else:
-            tracker.log_artifact(Path(first), second)
+    for method, *arguments in calls:
+        if method not in REPLAYED:
+            raise TrainingError(f"background evaluation result: unknown call {method!r}")
+        if method in ("log_artifact", "log_image"):
+            arguments[0] = Path(arguments[0])
+        getattr(tracker, method)(*arguments)
 
 
 @dataclass
@@ -162,11 +180,12 @@ class BackgroundEvaluation:
                                 f"(log: {job.log})")
         replay(result["calls"], trainer.tracker)
         metric = trainer.config.keep_best_metric
-        values = [call[1][metric] for call in result["calls"] if call[0] == "metrics" and metric in call[1]]
+        values = [call[1][metric] for call in result["calls"] if call[0] == "log_metrics" and metric in call[1]]
         if metric and values:  # the checkpoint of this step was ranked before its score existed
             trainer.writer.wait()
             trainer.retention.record(job.step, values[-1])
-        trainer.tracker.log_metrics({"eval/background_wall_s": time.perf_counter() - job.started}, step=job.step)
+        wall = time.perf_counter() - job.started
+        trainer.tracker.log_metrics({"timing/eval/background_wall_seconds": wall}, step=job.step)
         job.snapshot.unlink(missing_ok=True)
 
     def on_train_end(self, trainer, failed: bool = False) -> None:

@@ -16,30 +16,62 @@ from selfflow.components.files import write_text_atomic
 from selfflow.platform.evaluate.generation import class_grid_labels, generate
 from selfflow.platform.evaluate.media import save_sample_grid
 from selfflow.platform.evaluate.modalities import PrefixedTracker
+from selfflow.platform.train.run_tracking import record_operative
 
 log = logging.getLogger("selfflow.evaluation")
 
 
 class CheckpointEvery:
     """Save full state every `every` steps and at the last step (rank 0 writes, on a background
-    thread; the last checkpoint is waited for, so that it is complete when the run ends)."""
+    thread unless TrainConfig.checkpoint_mode is 'blocking'; the last checkpoint is waited for, so
+    that it is complete when the run ends), then apply retention.
 
-    def __init__(self, every: int):
+    With `defer_retention` (what the driver uses) it writes only, listed before every optional
+    callback of the step (sample grids, evaluation), so the trained state is on disk whatever they
+    do; retention, which may rank checkpoints by a metric those callbacks log at this step, runs
+    after them: `self.retention`, listed last."""
+
+    def __init__(self, every: int, defer_retention: bool = False):
         self.every = every
+        self.retention = CheckpointRetention(self) if defer_retention else None
+        self.written_at: int | None = None  # the step whose checkpoint awaits retention
+
+    def due(self, trainer) -> bool:
+        return trainer.step == trainer.config.steps or bool(self.every and trainer.step % self.every == 0)
 
     def on_step_end(self, trainer, logs) -> None:
-        last = trainer.step == trainer.config.steps
-        if last or (self.every and trainer.step % self.every == 0):
-            path = trainer.save_checkpoint()
-            if last and path is not None:
-                trainer.writer.wait()
-                pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
-                trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
-                trainer.tracker.log_artifact(pointer)
+        if not self.due(trainer):
+            return
+        path = trainer.write_checkpoint()
+        if self.retention is not None:
+            self.written_at = trainer.step
+        elif path is not None:
+            trainer.apply_retention()
+        if trainer.step == trainer.config.steps and path is not None:
+            trainer.writer.wait()
+            pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
+            trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
+            trainer.tracker.log_artifact(pointer)
+
+
+class CheckpointRetention:
+    """The second half of CheckpointEvery, after the step's other callbacks: records the step's
+    value of keep_best_metric and deletes the checkpoints retention no longer keeps (rank 0)."""
+
+    def __init__(self, saver: CheckpointEvery):
+        self.saver = saver
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.saver.written_at != trainer.step:
+            return
+        self.saver.written_at = None
+        if trainer.rank == 0:
+            trainer.apply_retention()
 
 
 class LogOperativeConfig:
-    """After the first step, gin knows every parameter actually used: save and log it."""
+    """After the first step, gin knows every parameter actually used, defaults included: save it, log
+    it (as the file and as readable text), log each binding as a param, and the parameter counts."""
 
     def __init__(self):
         self.done = False
@@ -48,12 +80,17 @@ class LogOperativeConfig:
         if self.done or trainer.rank != 0:
             return
         self.done = True
-        path = write_text_atomic(trainer.run_dir / "operative_config.gin", gin.operative_config_str())
+        operative = gin.operative_config_str()
+        path = write_text_atomic(trainer.run_dir / "operative_config.gin", operative)
         trainer.tracker.log_artifact(path)
+        record_operative(trainer.tracker, trainer, operative)
 
 
 class SampleGrid:
-    """A grid of EMA samples from fixed noise (one row per class) at every eval step."""
+    """A grid of EMA samples from fixed noise (one row per class) at every eval step: the PNG as the
+    step image `samples/grid` (`samples/<modality>` in a mixture; the UI's image view slides over steps
+    and puts runs side by side) and as a file in `samples/`, with a clip grid's GIF and an audio
+    grid's wav beside it."""
 
     def __init__(self, every: int):
         self.every = every
@@ -64,6 +101,15 @@ class SampleGrid:
             return
         for path in write_sample_grid(trainer.experiment, trainer.eval_model, trainer.run_dir / "samples", trainer.step):
             trainer.tracker.log_artifact(path, "samples")
+            if path.suffix == ".png":
+                trainer.tracker.log_image(path, sample_image_key(path), trainer.step)
+
+
+def sample_image_key(path: Path) -> str:
+    """step-00000100.png -> samples/grid; step-00000100-audio.png -> samples/audio (the UI puts step
+    images in the chart section named by the key up to its last '/': here 'samples')."""
+    modality = path.stem.split("-", 2)[2] if path.stem.count("-") >= 2 else ""
+    return f"samples/{modality or 'grid'}"
 
 
 def write_sample_grid(experiment, model, folder: Path, step: int) -> list[Path]:

@@ -188,8 +188,9 @@ class CheckpointWriter:
 
     At most one write is in flight: the next `submit` (and `wait`) waits for it. A failed
     background write raises its TrainingError in the training thread at the next `submit`,
-    `wait` or `raise_if_failed`. `after(path)` runs once the file is verified (retention);
-    `completed` is the newest verified checkpoint; `blocked_seconds` the loop's wait of the last save.
+    `wait` or `raise_if_failed`. `then(action)` runs `action(path)` once the file in flight is
+    verified (retention: nothing older is deleted before its successor is safe); `completed` is
+    the newest verified checkpoint; `blocked_seconds` the loop's wait of the last save.
     """
 
     def __init__(self, background: bool = True):
@@ -198,27 +199,46 @@ class CheckpointWriter:
         self.blocked_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._writing: Path | None = None  # the file in flight, until verified or failed
+        self._then: list[Callable[[Path], None]] = []
 
-    def submit(self, state: dict[str, Any], path: Path, after: Callable[[Path], None] | None = None) -> None:
+    def submit(self, state: dict[str, Any], path: Path) -> None:
         started = time.perf_counter()
         self.wait()
+        self._writing = Path(path)
         if not self.background:
-            self._write(state, Path(path), after)
+            self._write(state, Path(path))
             self.raise_if_failed()
         else:
             snapshot = host_copy(state)
-            self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), after),
+            self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)),
                                             name="selfflow-checkpoint-writer")
             self._thread.start()
         self.blocked_seconds = time.perf_counter() - started
 
-    def _write(self, state: dict[str, Any], path: Path, after: Callable[[Path], None] | None) -> None:
+    def then(self, action: Callable[[Path], None]) -> None:
+        """Run `action(path)` after the write in flight is verified (on the writer's thread), or
+        now with the newest verified file when nothing is in flight; never after a failed write."""
+        with self._lock:
+            if self._writing is not None:
+                self._then.append(action)
+                return
+            done = self.completed
+        if done is not None and self._error is None:
+            action(done)
+
+    def _write(self, state: dict[str, Any], path: Path) -> None:
         try:
             write_verified(state, path)
-            if after is not None:
-                after(path)
-            self.completed = path
+            with self._lock:
+                self.completed, self._writing = path, None
+                actions, self._then = self._then, []
+            for action in actions:
+                action(path)
         except BaseException as error:  # handed to the training thread
+            with self._lock:
+                self._writing, self._then = None, []
             self._error = error
 
     @property

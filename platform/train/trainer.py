@@ -569,9 +569,24 @@ class Trainer:
         self.mlflow_run_id = state.get("mlflow_run_id") or None
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the full state (a collective under data parallelism: every rank calls it),
-        on a background thread unless TrainConfig.checkpoint_mode is 'blocking': the loop waits only
-        for the copy to host memory. Returns the path being written (`writer.wait()` waits for it)."""
+        """Write the full state, then apply retention once it is verified; a collective under data
+        parallelism (every rank calls it)."""
+        path = self.write_checkpoint()
+        if path is not None:
+            self.apply_retention()
+        return path
+
+    def apply_retention(self) -> None:
+        """Record this step's value of keep_best_metric and, once this step's checkpoint is
+        verified, delete what retention no longer keeps (rank 0)."""
+        step, value = self.step, self._best_metric_value()
+        self.writer.then(lambda _: self.retention.after_save(step, value))
+
+    def write_checkpoint(self) -> Path | None:
+        """Rank 0 writes and verifies the full state (no deletions), on a background thread unless
+        TrainConfig.checkpoint_mode is 'blocking': the loop waits only for the copy to host memory.
+        Returns the path being written (`writer.wait()` waits for it). A collective under data
+        parallelism (every rank calls it)."""
         self.check_finite()  # never a checkpoint with a bad step in it
         if self.world_size > 1:
             everyone = parallel.all_gather_objects([g.get_state() for g in self.generators], self.world_size)
@@ -579,8 +594,8 @@ class Trainer:
         if self.rank != 0:
             return None
         path = ckpt.step_path(self.checkpoint_dir, self.step)
-        step, value = self.step, self._best_metric_value()
-        self.writer.submit(self.state_dict(), path, after=lambda _: self.retention.after_save(step, value))
+        self.writer.submit(self.state_dict(), path)
+        return path
         return path
 
     def _best_metric_value(self) -> float | None:

@@ -1,5 +1,5 @@
 """Audio with the same code as images and video: a short spoken-digits Self-Flow run trains on a 1-D
-token grid, evaluates with the spectrogram evaluator into MLflow, and writes its samples as a
+token grid (spectrogram frames), evaluates with the spectrogram evaluator into MLflow, and writes its samples as a
 spectrogram grid and a wav."""
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def test_spoken_digits_selfflow_trains_evaluates_and_writes_audio(in_tmp, spoken
 
     config.parse(["audio/selfflow.gin"], [])
     experiment = build_from_gin()
-    assert experiment.tokenizer.token_shape == (64, 80)  # 5120 samples in 80-sample patches
+    assert experiment.tokenizer.token_shape == (40, 128)  # 40 spectrogram frames of 128 bins
     from selfflow.components.backbones.embeddings import sincos_position_embedding
 
-    positions = experiment.model.position_embedding.reshape(64, -1)
-    assert torch.equal(positions, sincos_position_embedding((64,), experiment.model.hidden_dim))  # 1-D grid
+    positions = experiment.model.position_embedding.reshape(40, -1)
+    assert torch.equal(positions, sincos_position_embedding((40,), experiment.model.hidden_dim))  # 1-D grid
 
     # The wav holds the grid's 10 classes x 2 samples, 0.64 s each with 0.25 s of silence after.
     with wave.open(str(result.run_dir / "samples" / "step-00000012.wav")) as handle:

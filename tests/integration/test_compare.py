@@ -68,6 +68,18 @@ def test_compare_by_parent_groups_seeds_and_logs(sweep_runs, tmp_path, capsys):
     assert {"compare/comparison.txt", "compare/comparison.csv", "compare/plots"} <= logged
     assert {a.path for a in client.list_artifacts(parent, "compare/plots")} == {
         "compare/plots/loss_flow.png", "compare/plots/eval_fd.png"}
+    # The same table as an MLflow table (the UI's table view): one row per group.
+    import json
+
+    raw = json.loads(open(client.download_artifacts(parent, "compare/comparison.json", str(tmp_path / "t"))).read())
+    rows = {row[0]: dict(zip(raw["columns"], row)) for row in raw["data"]}
+    assert set(rows) == set(FINAL)
+    for group, finals in FINAL.items():
+        mean, half = mean_interval(finals)
+        assert rows[group]["loss/flow mean"] == pytest.approx(mean) and rows[group]["loss/flow ci95"] == pytest.approx(half)
+        assert rows[group]["runs"] == 3 and rows[group]["loss/flow n"] == 3
+    tags = client.get_run(parent).data.tags
+    assert {"path": "compare/comparison.json", "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
 
 
 def test_compare_by_filter_and_experiment(sweep_runs, tmp_path):
@@ -86,3 +98,35 @@ def test_compare_by_filter_and_experiment(sweep_runs, tmp_path):
                      out_dir=tmp_path / "n", show=False)
     with pytest.raises(UserError, match="no MLflow experiment"):
         compare_runs(tracking_uri=uri, experiment="missing", out_dir=tmp_path / "m", show=False)
+
+
+def test_unfinished_runs_are_never_averaged_with_finished_ones(tmp_path):
+    """The issue's case: a killed run is still marked RUNNING (its process died before saying so);
+    it forms a group of its own instead of joining its seeds' mean."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("killed", artifact_location=(tmp_path / "artifacts").as_uri())
+    for seed, (value, status) in enumerate([(0.5, "FINISHED"), (0.7, "FINISHED"), (9.0, None)]):
+        run = client.create_run(experiment_id, tags={"sweep.group": "include=digits/fm", "seed": str(seed)})
+        client.log_batch(run.info.run_id, metrics=[Metric("loss/flow", value, 0, 10)])
+        if status:
+            client.set_terminated(run.info.run_id, status)
+    comparison = compare_runs(tracking_uri=uri, experiment="killed", metrics=["loss/flow"], out_dir=tmp_path / "o",
+                              show=False)
+    stats = {g.group: g.mean_and_halfwidth("loss/flow") for g in comparison.groups}
+    assert stats["include=digits/fm"][0] == pytest.approx(0.6) and stats["include=digits/fm"][2] == 2
+    assert stats["include=digits/fm [RUNNING]"][0] == pytest.approx(9.0)
+
+
+def test_unknown_metric_and_bad_filter_are_one_line_errors(sweep_runs, tmp_path):
+    uri, _, parent = sweep_runs
+    with pytest.raises(UserError, match=r"--metric 'nope': none of the 6 compared runs logged it \(logged: eval/fd, "
+                                        r"loss/flow\)"):
+        compare_runs(tracking_uri=uri, parent_run_id=parent, metrics=["loss/flow", "nope"], out_dir=tmp_path,
+                     show=False)
+    with pytest.raises(UserError, match=r"--filter 'tags\.objective = ' is not a valid MLflow filter"):
+        compare_runs(tracking_uri=uri, experiment="cmp", filter_string="tags.objective = ", out_dir=tmp_path,
+                     show=False)

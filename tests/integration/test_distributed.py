@@ -23,6 +23,7 @@ from torch import nn
 from selfflow.platform.config import bootstrap as config
 from selfflow.platform.config.experiment import build_from_gin
 from selfflow.platform.errors import ConfigError
+from selfflow.platform.scale import ray_cluster
 from selfflow.platform.scale.ray_train import Scaling, plain_error, train_distributed
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train.driver import rebuild_experiment
@@ -177,3 +178,65 @@ def test_requests_larger_than_the_cluster_are_refused():
         check_fits(two_cores, workers=3, cpus_per_worker=1, gpus_per_worker=0, what="training")
     with pytest.raises(UserError, match="GPUs; the Ray cluster has 0"):
         check_fits(two_cores, workers=1, cpus_per_worker=1, gpus_per_worker=1, what="training")
+
+
+def _listening() -> dict[int, set[str]]:
+    """Listening TCP port -> the addresses it listens on (hex, as /proc/net/tcp{,6} write them)."""
+    found: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                found.setdefault(int(port, 16), set()).add(address)
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_local_ray_listens_on_loopback_only_in_a_private_folder(ray_local):
+    """Issue 26: Ray's services listened on every interface and wrote to a fixed, world-writable
+    temp folder."""
+    import os
+    import stat
+
+    import ray
+
+    host, port = ray_local["cluster"].address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    node = ray.nodes()[0]
+    ports = {int(port), node["NodeManagerPort"], node["ObjectManagerPort"]}
+    listening = _listening()
+    for number in ports:
+        assert listening.get(number) and listening[number] <= LOOPBACK_HEX, (number, listening.get(number))
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert session.parent.name == "ray"  # Ray's own folder (it makes it 0777) inside the private one
+    private = session.parent.parent
+    info = os.stat(private)
+    assert info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700, private
+    assert private == Path(os.environ.get("SELFFLOW_RAY_TMPDIR") or ray_cluster.default_tmp_dir()).resolve()
+
+
+def test_private_tmp_dir_is_created_tightened_or_refused(tmp_path):
+    import os
+    import stat
+
+    from selfflow.platform.errors import UserError
+
+    fresh = ray_cluster.private_tmp_dir(tmp_path / "fresh")
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    ray_cluster.private_tmp_dir(shared)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o700  # ours: tightened
+    (tmp_path / "link").symlink_to(fresh)
+    with pytest.raises(UserError, match="is not a plain folder"):
+        ray_cluster.private_tmp_dir(tmp_path / "link")
+    if os.geteuid() == 0:  # only root can hand a folder to another user
+        other = tmp_path / "other"
+        other.mkdir()
+        os.chown(other, 65534, 65534)
+        with pytest.raises(UserError, match=r"belongs to another user \(uid 65534\)"):
+            ray_cluster.private_tmp_dir(other)

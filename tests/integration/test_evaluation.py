@@ -33,15 +33,18 @@ SMALL = [
 ]
 DEPTH = 6  # backbones/dit_tiny.gin
 LEVELS = ("t0", "t0.5")
+# EvalSuite.loss_buckets = 10 equal intervals of [0, 1], named by their ends.
+BUCKETS = [f"loss_by_t/t{i / 10:.2f}-{(i + 1) / 10:.2f}" for i in range(10)]
 
 
 def expected_metric_names() -> set[str]:
     names = {"eval/fd", "eval/fd_data_floor", "eval/sample_class_acc", "eval/precision", "eval/recall",
-             "eval/evaluator_test_acc", "eval/seconds", "eval/cpu_seconds", "eval/seconds_generation", "eval/seconds_probes",
-             "eval/seconds_loss_by_t", "probe/linear/best", "probe/knn/best", "probe/linear/best_block",
+             "eval/evaluator_test_acc", "timing/eval/seconds", "timing/eval/cpu_seconds",
+             "timing/eval/generation_seconds", "timing/eval/probes_seconds", "timing/eval/loss_by_t_seconds",
+             "timing/eval/generated_samples", "probe/linear/best", "probe/knn/best", "probe/linear/best_block",
              "loss_by_t/overall"}
-    names |= {f"loss_by_t/bucket{i}" for i in range(10)}
-    names |= {f"probe/{kind}/block{block}/{level}" for kind in ("linear", "knn")
+    names |= set(BUCKETS)
+    names |= {f"probe_grid/{kind}/{level}_block{block}" for kind in ("linear", "knn")
               for block in range(1, DEPTH + 1) for level in LEVELS}
     return names
 
@@ -74,20 +77,21 @@ def test_training_logs_every_metric_at_each_evaluation_step(trained):
     run = client.get_run(result.mlflow_run_id)
     missing = expected_metric_names() - set(run.data.metrics)
     assert not missing, f"metrics not logged: {sorted(missing)}"
-    for key in ("eval/fd", "probe/linear/block3/t0.5", "loss_by_t/bucket9"):
+    assert BUCKETS[0] == "loss_by_t/t0.00-0.10" and BUCKETS[9] == "loss_by_t/t0.90-1.00"
+    for key in ("eval/fd", "probe_grid/linear/t0.5_block3", BUCKETS[9]):
         assert history_steps(client, result.mlflow_run_id, key) == [20, STEPS]
     metrics = run.data.metrics
     assert all(math.isfinite(metrics[key]) for key in expected_metric_names())
     # A few dozen steps are far from real data: the floor (real images) must score better.
     assert 0.0 <= metrics["eval/fd_data_floor"] < metrics["eval/fd"]
     for kind in ("linear", "knn"):  # "best" is the best cell of the block x level table
-        cells = [value for key, value in metrics.items() if key.startswith(f"probe/{kind}/block")]
+        cells = [value for key, value in metrics.items() if key.startswith(f"probe_grid/{kind}/")]
         assert metrics[f"probe/{kind}/best"] == max(cells)
     # Ten equally filled buckets: their plain mean is the overall held-out loss.
-    buckets = [metrics[f"loss_by_t/bucket{i}"] for i in range(10)]
+    buckets = [metrics[name] for name in BUCKETS]
     assert sum(buckets) / 10 == pytest.approx(metrics["loss_by_t/overall"], rel=1e-6)
     # The evaluator was trained once (first evaluation) and then reused.
-    assert history_steps(client, result.mlflow_run_id, "eval/seconds_evaluator_fit") == [20]
+    assert history_steps(client, result.mlflow_run_id, "timing/eval/evaluator_fit_seconds") == [20]
     assert len(list((result.run_dir.parent / ".cache" / "evaluators").glob("*.pt"))) == 1
 
 
@@ -103,6 +107,13 @@ def test_training_writes_and_logs_the_artifacts(trained):
     saved = json.loads((result.run_dir / "eval" / f"metrics-step{STEPS:08d}.json").read_text())
     assert saved["step"] == STEPS and set(saved["metrics"]) >= expected_metric_names()
     assert not list((result.run_dir / "eval").glob(".*"))  # no temp files left behind
+    # The heatmap, the loss-by-t chart and the sample grid are also step images (the UI's image view).
+    from selfflow.platform.tracking.records import image_steps
+
+    steps = image_steps(client, result.mlflow_run_id)
+    for key in ("eval/probe_heatmap", "eval/loss_by_t"):
+        assert {(key, 20), (key, STEPS)} <= steps, key
+    assert ("samples/grid", STEPS) in steps  # sample grids follow TrainConfig.eval_every (0 here: the end only)
 
 
 def test_selfflow_eval_by_run_id_logs_into_the_same_run(trained, capsys):
@@ -112,7 +123,7 @@ def test_selfflow_eval_by_run_id_logs_into_the_same_run(trained, capsys):
     printed = capsys.readouterr().out
     assert "eval/fd" in printed and "probe/linear/best" in printed
     assert history_steps(client, result.mlflow_run_id, "eval/fd") == [20, STEPS, STEPS]
-    assert history_steps(client, result.mlflow_run_id, "eval/seconds_evaluator_fit") == [20]  # cache hit
+    assert history_steps(client, result.mlflow_run_id, "timing/eval/evaluator_fit_seconds") == [20]  # cache hit
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
 
 
@@ -124,7 +135,7 @@ def test_selfflow_eval_by_run_dir_without_tracking_is_reproducible(trained, caps
     # Fixed seeds: evaluating the same checkpoint again gives the same numbers.
     saved = json.loads((result.run_dir / "eval" / f"metrics-step{STEPS:08d}.json").read_text())["metrics"]
     final = client.get_run(result.mlflow_run_id).data.metrics
-    for key in ("eval/fd", "eval/sample_class_acc", "probe/linear/block2/t0", "loss_by_t/bucket0"):
+    for key in ("eval/fd", "eval/sample_class_acc", "probe_grid/linear/t0_block2", BUCKETS[0]):
         assert saved[key] == pytest.approx(final[key], rel=1e-4, abs=1e-6)
 
 

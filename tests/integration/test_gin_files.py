@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gin
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from selfflow.platform.config import bootstrap as config
 from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
 from selfflow.platform.config.experiment import build_from_gin
 
-SKIP_FOLDERS = {"sweeps"}  # sweep specs are not experiments: tested with the sweep runner
+SKIP_FOLDERS = {"sweeps", "studies"}  # sweep and study specs are not experiments: tested with their runners
 MAX_TRAINABLE_PARAMS = 30_000_000
 LOCAL_DATASETS = ("digits", "moving_digits", "spoken_digits")  # built by the test session's fixtures
 ONE_STEP = [
@@ -52,6 +53,8 @@ def files_for(path: Path) -> list[str]:
     stem = path.stem
     if "multimodal" in stem or "mixtures" in path.relative_to(EXPERIMENTS_DIR).parts:  # mixture pieces
         context = ["mixtures/all_three/fm.gin"]
+    elif stem == "spoken_digits_24k":  # raw 24 kHz waveforms: EnCodec encodes them on the fly
+        context = ["audio/selfflow.gin", "tokenizers/encodec_24khz.gin"]
     elif "encodec" in stem or "24k" in stem:  # EnCodec pieces: built in the 24 kHz EnCodec context
         context = ["audio/encodec_selfflow.gin"]
     elif "audio" in stem or "spoken_digits" in stem:  # waveform-shaped: built in the audio context
@@ -72,15 +75,21 @@ def test_there_are_shipped_gin_files():
 
 
 @pytest.fixture(scope="session")
-def quick_encoders(tmp_path_factory, digits_root) -> Path:
-    """REPA presets point at platform-trained encoders: make tiny ones (few steps)."""
+def quick_encoders(tmp_path_factory, digits_root, spoken_digits_root, moving_digits_root) -> Path:
+    """REPA presets point at platform-trained encoders: make tiny ones (few steps), for every modality."""
     from selfflow.platform.data.sources import ShardData
     from selfflow.platform.jobs.encoders import EncoderTraining
 
+    gin.clear_config()  # the jobs are gin configurables: no bindings left by earlier tests
     folder = tmp_path_factory.mktemp("encoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
+    audio = ShardData(root=str(spoken_digits_root), num_classes=10, data_shape=(1, 5120), modality="audio")
+    video = ShardData(root=str(moving_digits_root), num_classes=10, data_shape=(1, 8, 16, 16), modality="video")
     for size in ("small", "medium", "large"):
         EncoderTraining(data, size=size, steps=3, batch_size=16, out=str(folder / f"digit_encoder_{size}.pt")).run()
+        EncoderTraining(audio, size=size, steps=2, batch_size=4,
+                        out=str(folder / f"spoken_digit_encoder_{size}.pt")).run()
+        EncoderTraining(video, size=size, steps=2, batch_size=4, out=str(folder / f"clip_encoder_{size}.pt")).run()
     return folder
 
 
@@ -90,6 +99,7 @@ def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root) -> Pat
     from selfflow.platform.data.sources import ShardData
     from selfflow.platform.jobs.autoencoders import AutoencoderTraining
 
+    gin.clear_config()  # the jobs are gin configurables: no bindings left by earlier tests
     folder = tmp_path_factory.mktemp("autoencoders")
     data = ShardData(root=str(digits_root), num_classes=10, data_shape=(1, 8, 8), dataset="digits")
     AutoencoderTraining(data, steps=3, batch_size=16, hidden_channels=8, out=str(folder / "conv_ae_digits.pt")).run()
@@ -116,7 +126,8 @@ def test_gin_file_builds_and_steps(path, in_tmp, quick_encoders, quick_autoencod
         AutoencoderTraining().run()
         assert (in_tmp / "runs" / "ae.pt").exists()
         return
-    if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith("digits_"):
+    if "encoders" in path.relative_to(EXPERIMENTS_DIR).parts[:1] and path.stem.startswith(
+            ("digits_", "spoken_digits_", "moving_digits_")):
         from selfflow.platform.jobs.encoders import EncoderTraining
 
         config.parse([str(path)], ["EncoderTraining.steps = 2", "EncoderTraining.out = 'runs/enc.pt'"])

@@ -191,7 +191,16 @@ def test_two_by_two_sweep_on_mlflow_server(ray_local, mlflow_server, in_tmp):
         assert steps == [1, 2, 3, 4]  # a retried trial continues its run: no step twice, none missing
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "sweep")}
     assert {"sweep/sweep.gin", "sweep/spec.json", "sweep/summary.txt"} <= parent_artifacts
-    assert "compare/comparison.txt" in {a.path for a in client.list_artifacts(result.parent_run_id, "compare")}
+    assert {"compare/comparison.txt", "compare/comparison.json"} <= {
+        a.path for a in client.list_artifacts(result.parent_run_id, "compare")}
+    assert "sweep/trials.json" in parent_artifacts
+    # The parent's description links every child; children are grouped by their sampled bindings.
+    note = client.get_run(result.parent_run_id).data.tags["mlflow.note.content"]
+    for child in children:
+        assert f"#/experiments/{experiment.experiment_id}/runs/{child.info.run_id}" in note
+        assert child.data.tags["sweep.group"] in {f"TrainConfig.lr={lr}" for lr in LRS}
+        assert child.data.tags["objective"] == "FlowMatchingObjective"
+        assert "mlflow.source.git.commit" in child.data.tags
 
     crashed_dir = Path(crash_marker.read_text().strip())
     crashed = [c for c in children if c.data.tags.get("run_dir") == str(crashed_dir)]

@@ -48,11 +48,11 @@ def test_moving_digits_selfflow_trains_evaluates_and_draws(in_tmp, moving_digits
 
     config.parse(["video/selfflow.gin"], [])
     experiment = build_from_gin()
-    assert experiment.tokenizer.token_shape == (4 * 4 * 4, 2 * 4 * 4)  # (8/2)(16/4)(16/4) tokens of 2x4x4 values
+    assert experiment.tokenizer.token_shape == (4 * 4, 8 * 4 * 4)  # (16/4)(16/4) tubes of 8x4x4 values
     from selfflow.components.backbones.embeddings import sincos_position_embedding
 
-    positions = experiment.model.position_embedding.reshape(64, -1)
-    assert torch.equal(positions, sincos_position_embedding((4, 4, 4), experiment.model.hidden_dim))  # 3-D grid
+    positions = experiment.model.position_embedding.reshape(16, -1)
+    assert torch.equal(positions, sincos_position_embedding((1, 4, 4), experiment.model.hidden_dim))  # 3-D grid
 
     # Samples: 10 classes x 2 per class, each an 8-frame strip (16 px frames, 1 px gaps, upscaled 2x).
     grid = sorted((result.run_dir / "samples").glob("step-*.png"))[-1]

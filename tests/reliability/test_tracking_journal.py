@@ -24,26 +24,58 @@ def uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-def test_journal_skips_a_torn_last_line_and_continues_numbering(tmp_path):
+def test_journal_cuts_a_torn_last_line_and_continues_numbering(tmp_path, capfd):
     journal = TrackingJournal(journal_path(tmp_path))
     journal.append("metrics", "r1", step=1, time=0, metrics={"a": 1.0})
     journal.append("metrics", "r1", step=2, time=0, metrics={"a": 2.0})
     journal.mark_delivered(1)
     journal.close()
+    clean = journal_path(tmp_path).read_text()
     with open(journal_path(tmp_path), "a") as file:
         file.write('{"seq": 3, "op": "metr')  # a writer killed mid-line
     reopened = TrackingJournal(journal_path(tmp_path))
+    assert journal_path(tmp_path).read_text() == clean  # cut off for good, not left mid-file
     assert [r.seq for r in reopened.pending_at_open()] == [2]
     assert reopened.append("tags", "r1", tags={}).seq == 3
     reopened.close()
     lines = journal_path(tmp_path).read_text().splitlines()
-    assert json.loads(lines[-1])["seq"] == 3  # written on its own line after the torn one
+    assert json.loads(lines[-1])["seq"] == 3 and all(json.loads(line) for line in lines)
+    quarantined = [json.loads(line) for line in reopened.quarantine_path.read_text().splitlines()]
+    assert [(q["line"], q["text"]) for q in quarantined] == [(4, '{"seq": 3, "op": "metr')]
+    assert capfd.readouterr().err == ""  # a killed writer's torn line is routine: no warning
 
 
-def test_journal_corrupted_in_the_middle_is_a_clear_error(tmp_path):
-    journal_path(tmp_path).write_text('{"seq": 1, "op": "tags", "run_id": "r", "tags": {}}\nnot json\n{"delivered": 1}\n')
-    with pytest.raises(UserError, match=r"tracking-journal.jsonl line 2 is not JSON"):
-        TrackingJournal(journal_path(tmp_path))
+def test_journal_damaged_in_the_middle_is_quarantined_for_good(tmp_path, capfd):
+    journal_path(tmp_path).write_text('{"seq": 1, "op": "tags", "run_id": "r", "tags": {}}\nnot json\n'
+                                      '{"seq": "x", "op": "tags", "run_id": "r"}\n{"delivered": 1}\n')
+    journal = TrackingJournal(journal_path(tmp_path))
+    assert journal.delivered == 1 and journal.next_seq == 2
+    journal.close()
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "2 damaged line(s) (2, 3) moved to" in err and ".quarantine" in err
+    kept = '{"seq": 1, "op": "tags", "run_id": "r", "tags": {}}\n{"delivered": 1}\n'
+    assert journal_path(tmp_path).read_text() == kept
+    TrackingJournal(journal_path(tmp_path)).close()  # the next open finds nothing to repair
+    assert capfd.readouterr().err == ""
+
+
+def test_a_torn_line_heals_for_every_later_resume_and_sync(tmp_path, uri):
+    """The issue's case: append {"seq":99,"op":"metr to a run's journal; the first resume used to
+    work and leave it mid-file, and every later sync or resume failed."""
+    run = tmp_path / "run"
+    first = MLflowTracker(tracking_uri=uri, run_name="torn", journal_dir=run)
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.finish()
+    with open(journal_path(run), "a") as file:
+        file.write('{"seq":99,"op":"metr')
+    for _ in range(2):
+        resumed = MLflowTracker(tracking_uri=uri, run_id=first.run_id, journal_dir=run)
+        resumed.log_metrics({"loss": 2.0}, step=2)
+        resumed.finish()
+        for _ in range(2):
+            assert sync_run_dir(run, tracking_uri=uri).pending_after == 0
+    assert all(json.loads(line) for line in journal_path(run).read_text().splitlines())
+    assert _history(resumed, "loss") == [(1, 1.0), (2, 2.0)]
 
 
 def test_journal_admits_one_process_at_a_time(tmp_path):
@@ -98,13 +130,13 @@ def test_outage_queues_then_sync_delivers_everything_once(tmp_path, uri, monkeyp
     assert "2 tracking records for run" in err and f"selfflow sync --run-dir {tmp_path / 'run'}" in err
     assert [line for line in err.splitlines() if line.strip()] == err.strip().splitlines()
 
-    result = sync_run_dir(tmp_path / "run")
+    result = sync_run_dir(tmp_path / "run", tracking_uri=uri)
     assert (result.pending_before, result.pending_after) == (2, 0)
     assert result.stats.metric_values == 1
     assert _history(tracker, "loss") == [(s, float(s)) for s in range(1, 7)]
     assert _history(tracker, "lr") == [(2, 0.1), (3, 0.1), (4, 0.1)]
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
-    again = sync_run_dir(tmp_path / "run")  # idempotent
+    again = sync_run_dir(tmp_path / "run", tracking_uri=uri)  # idempotent
     assert again.pending_before == 0
 
 
@@ -115,7 +147,7 @@ def test_sync_replays_against_what_the_store_already_has(tmp_path, uri):
     # A watermark lost with a kill: the journal says undelivered, the store has it.
     lines = [line for line in journal_path(tmp_path / "run").read_text().splitlines() if "delivered" not in line]
     journal_path(tmp_path / "run").write_text("\n".join(lines) + "\n")
-    result = sync_run_dir(tmp_path / "run")
+    result = sync_run_dir(tmp_path / "run", tracking_uri=uri)
     assert result.stats.duplicates == 1 and result.stats.metric_values == 0
     assert _history(tracker, "loss") == [(1, 1.0)]
 
@@ -159,8 +191,78 @@ def test_database_locked_is_retried_other_errors_are_not(monkeypatch):
 
 def test_a_vanished_artifact_is_skipped_not_blocking(tmp_path, uri, capfd):
     tracker = MLflowTracker(tracking_uri=uri, run_name="artifact", journal_dir=tmp_path / "run")
-    tracker.log_artifact(tmp_path / "never_written.png", "samples")
+    tracker.log_artifact(tmp_path / "run" / "never_written.png", "samples")
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.finish()
     assert tracker.pending == 0 and _history(tracker, "loss") == [(1, 1.0)]
     assert "refused the artifact record" in capfd.readouterr().err
+
+
+# ---- sync stays inside its run folder and delivers only to the store the user configured ----------
+
+
+def _crafted_journal(run, uri: str, run_id: str, records: list[dict]) -> None:
+    lines = [{"opened": uri, "pid": 1}] + [{"seq": n, "run_id": run_id, **r} for n, r in enumerate(records, start=1)]
+    journal_path(run).write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_sync_uploads_only_files_inside_the_run_folder(tmp_path, uri, capfd):
+    """The issue's case: a journal listing /etc/hostname (and a link to it, and a destination that
+    climbs out of the run's artifacts) uploads none of them; the run's own file goes up."""
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "own.txt").write_text("mine")
+    (run / "link.txt").symlink_to("/etc/hostname")
+    client = MlflowClient(tracking_uri=uri)
+    run_id = MLflowTracker(tracking_uri=uri, run_name="crafted").run_id
+    _crafted_journal(run, uri, run_id, [
+        {"op": "artifact", "path": "/etc/hostname", "artifact_path": None},
+        {"op": "artifact", "path": str(run / "link.txt"), "artifact_path": None},
+        {"op": "artifact", "path": str(run / "own.txt"), "artifact_path": "../../escaped"},
+        {"op": "artifact", "path": str(run), "artifact_path": None},
+        {"op": "artifact", "path": str(run / "own.txt"), "artifact_path": "notes"},
+    ])
+    result = sync_run_dir(run, tracking_uri=uri)
+    assert (result.pending_after, result.stats.dropped) == (0, 4)
+    assert [a.path for a in client.list_artifacts(run_id)] == ["notes"]
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/own.txt"]
+    err = capfd.readouterr().err
+    assert f"names /etc/hostname, outside the run folder {run}" in err
+    assert f"names {run / 'link.txt'}, outside the run folder" in err  # the link resolves outside
+    assert "artifact destination '../../escaped' leaves the run's artifacts" in err
+    assert "which is not a regular file" in err
+
+
+def test_sync_delivers_only_to_the_configured_or_named_store(tmp_path, uri, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    elsewhere = f"sqlite:///{tmp_path / 'attacker' / 'mlflow.db'}"
+    _crafted_journal(run, elsewhere, "0" * 32, [{"op": "tags", "tags": {"a": "b"}}])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match=rf"was written for the store {elsewhere}, but the configured store is "
+                                        rf"sqlite:///\S+/runs/mlflow\.db: pass --tracking-uri"):
+        sync_run_dir(run, runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "attacker").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)  # configured: the user's own choice
+    journal = TrackingJournal(journal_path(run))
+    try:
+        assert tracking.sync_store(journal, None, "runs") == elsewhere
+    finally:
+        journal.close()
+
+
+def test_a_resumed_tracker_replays_no_artifact_from_outside_its_folder(tmp_path, uri, capfd):
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = MLflowTracker(tracking_uri=uri, run_name="replay", journal_dir=run)
+    first.journal.close()
+    with open(journal_path(run), "a") as file:
+        file.write(json.dumps({"seq": 50, "op": "artifact", "run_id": first.run_id, "path": "/etc/hostname"}) + "\n")
+    resumed = MLflowTracker(tracking_uri=uri, run_id=first.run_id, journal_dir=run)
+    resumed.finish()
+    assert MlflowClient(tracking_uri=uri).list_artifacts(first.run_id) == []
+    assert "outside the run folder" in capfd.readouterr().err

@@ -115,7 +115,9 @@ def test_outage_mid_run_loses_no_metric(tmp_path, digits_root):
         assert _last_seq(run_dir) > _watermark(run_dir), "nothing was left for sync"
 
         # 5. `selfflow sync` delivers the rest into the same run, nothing twice.
-        out = run_cli(["sync", "--run-dir", str(run_dir)], tmp_path, env=cli_env(), timeout=300)
+        # The store is named: sync never delivers where a journal alone says (docs/reliability.md).
+        out = run_cli(["sync", "--run-dir", str(run_dir), "--tracking-uri", server.uri], tmp_path, env=cli_env(),
+                      timeout=300)
         assert out.returncode == 0, out.stderr
         assert "records delivered" in out.stdout
         histories = metric_histories(server.uri, run_id)

@@ -147,11 +147,15 @@ def test_prefixed_tracker_names_metrics_and_artifacts_by_modality():
         def log_artifact(self, path, artifact_path=None):
             logged.append((path, artifact_path))
 
+        def log_image(self, path, key, step):
+            logged.append((path, key, step))
+
     tracker = PrefixedTracker(Recorder(), "audio")
     tracker.log_metrics({"eval/fd": 1.0, "probe/linear/best": 0.5, "plain": 2.0}, step=7)
     tracker.log_artifact("x.png", "eval")
+    tracker.log_image("x.png", "eval/probe_heatmap", 7)
     assert logged == [({"eval/audio/fd": 1.0, "probe/audio/linear/best": 0.5, "audio/plain": 2.0}, 7),
-                      ("x.png", "eval/audio")]
+                      ("x.png", "eval/audio"), ("x.png", "eval/audio/probe_heatmap", 7)]
 
 
 @pytest.mark.parametrize("binding, message", [
@@ -218,7 +222,7 @@ def test_compare_shows_each_modalitys_metrics_by_default():
     from selfflow.platform.tracking.compare import default_metrics, without_modality
 
     present = {"loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow", "eval/audio/fd", "eval/image/fd",
-               "probe/image/linear/best", "probe/linear/block1/t0", "eval/audio/fd_data_floor"}
+               "probe/image/linear/best", "probe_grid/linear/t0_block1", "eval/audio/fd_data_floor"}
     assert default_metrics(present) == ["loss/total", "loss/flow", "loss/audio/flow", "loss/image/flow",
                                         "eval/audio/fd", "eval/image/fd", "probe/image/linear/best"]
     assert default_metrics({"eval/fd", "loss/flow"}) == ["loss/flow", "eval/fd"]  # single modality: as before

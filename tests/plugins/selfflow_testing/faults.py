@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -46,6 +47,32 @@ class InjectedCrash:
         if self.hard:
             os._exit(17)
         raise RuntimeError(f"injected crash at step {trainer.step}")
+
+
+STEP_DELAY_ENV = "SELFFLOW_TEST_STEP_DELAY"
+
+
+@gin.configurable
+class StepDelay:
+    """Sleep SELFFLOW_TEST_STEP_DELAY seconds (0 if unset) at the end of every step: a run that
+    lasts long enough for a test to act on it while the config stays the same across processes."""
+
+    def on_step_end(self, trainer, logs) -> None:
+        time.sleep(float(os.environ.get(STEP_DELAY_ENV) or 0))
+
+
+@gin.configurable
+class SignalAt:
+    """Send this process a signal at the end of the given steps ({step: 'SIGTERM' or 'SIGINT'}): a
+    scheduler's SIGTERM or a Ctrl-C at a known step."""
+
+    def __init__(self, steps: dict = None):
+        self.steps = dict(steps or {})
+
+    def on_step_end(self, trainer, logs) -> None:
+        name = self.steps.get(trainer.step)
+        if name:
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def crash_bindings(**values) -> list[str]:
