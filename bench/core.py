@@ -22,7 +22,8 @@ from typing import IO, Any, Callable, Mapping, Sequence
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = REPO_ROOT / "bench" / "results.jsonl"
+DEFAULT_RESULTS = REPO_ROOT / "bench" / "results.jsonl"  # the last full run's records (committed)
+DEFAULT_HISTORY = REPO_ROOT / "runs" / "bench" / "history.jsonl"  # every run's records (git-ignored)
 DEFAULT_CACHE = REPO_ROOT / "runs" / ".cache" / "bench"
 
 
@@ -234,6 +235,9 @@ class Target:
         {"item": "objective", "metric": "selfflow_over_fm", "config": "digits"}), so the report can
         follow it across runs (bench_history.py); None: not followed.
     missing_below: recorded values below it mean "not reached" (e.g. -1 NFE), NaN between runs.
+    setting: the host settings it was measured under ('cpu_shared': the bench process, which applies
+        the opt-in preset; 'stock': stock PyTorch, in child processes; or a description).
+    absolute: the absolute figures behind a ratio (samples/s of each side), shown beside it.
     """
 
     name: str
@@ -244,6 +248,8 @@ class Target:
     interval: tuple[float, float] | None = None
     record: Mapping[str, Any] | None = None
     missing_below: float | None = None
+    setting: str = "cpu_shared"
+    absolute: str = ""
 
     def __post_init__(self) -> None:
         if self.op not in ("<=", ">="):
@@ -381,6 +387,15 @@ def new_run_info(quick: bool, command: str) -> dict[str, Any]:
         "command": command,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def samples_per_s(batch: int, seconds: float) -> float:
+    return batch / seconds if seconds > 0 else float("nan")
+
+
+def describe_rates(rates: Mapping[str, float]) -> str:
+    """'FM 1,150 samples/s, Self-Flow 840 samples/s' from {name: samples/s}."""
+    return ", ".join(f"{name} {rate:,.0f} samples/s" for name, rate in rates.items())
 
 
 def as_jsonable(value: Any) -> Any:

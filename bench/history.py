@@ -1,4 +1,4 @@
-"""Each target across the full runs on record in bench/results.jsonl: the drift between runs.
+"""Each target across the full runs on record in the history file (runs/bench/history.jsonl): the drift.
 
 A run's 95% interval covers its own interleaved rounds only. On a shared machine the same ratio
 moves between runs by more than that (digits Self-Flow / FM read 1.24 and 1.30 an hour apart), so

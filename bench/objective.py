@@ -22,9 +22,11 @@ from bench.core import (
     Section,
     Table,
     Target,
+    describe_rates,
     interleaved,
     paired_ratio,
     paired_ratio_interval,
+    samples_per_s,
 )
 from bench.flops import count_flops
 
@@ -159,6 +161,9 @@ def run(ctx: BenchContext) -> Section:
         targets.append(Target(f"Self-Flow / FM step time, {config.name}", ratios["selfflow"], TARGET_RATIO, "<=",
                               f"FLOP ratio {floor:.3f}{floor_note}; fast paths off: {ratios['selfflow_slow']:.2f}",
                               interval=result["interval"],
+                              absolute=describe_rates({"FM": samples_per_s(config.batch_size, timings["fm"].median),
+                                                       "Self-Flow": samples_per_s(config.batch_size,
+                                                                                  timings["selfflow"].median)}),
                               record={"item": KEY, "metric": "selfflow_over_fm", "config": config.name}))
     table = Table(
         ["config", "FM ms", "Self-Flow ms", "SF / FM", "SF / FM (min of k)", "FLOP ratio", "SF, fast paths off, ms",

@@ -21,9 +21,11 @@ from bench.core import (
     Section,
     Table,
     Target,
+    describe_rates,
     interleaved,
     paired_ratio,
     paired_ratio_interval,
+    samples_per_s,
 )
 
 KEY = "overhead"
@@ -139,6 +141,9 @@ def run(ctx: BenchContext) -> Section:
         targets.append(Target(f"platform loop / hand-written loop, {config.name}", result["fit_over_hand"],
                               TARGET_RATIO, "<=", f"train_step alone: {result['step_over_hand']:.3f}",
                               interval=result["fit_over_hand_interval"],
+                              absolute=describe_rates({
+                                  "platform loop": samples_per_s(config.batch_size, timings["platform_fit"].median),
+                                  "hand loop": samples_per_s(config.batch_size, timings["hand"].median)}),
                               record={"item": KEY, "metric": "fit_over_hand", "config": config.name}))
     table = Table(
         ["config", "platform loop ms/step", "platform train_step ms", "hand loop ms", "bare hand loop ms",

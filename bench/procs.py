@@ -97,3 +97,67 @@ class StepWorker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_ROUND_CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+from bench import workloads as setup
+configs = []
+for fields in json.loads(sys.argv[1]):
+    fields["data_shape"] = tuple(fields["data_shape"]); fields["extra"] = tuple(fields["extra"])
+    configs.append(setup.BenchConfig(**fields))
+trainers = [setup.build_trainer(config, scratch=sys.argv[3]) for config in configs]
+raws = [setup.synthetic_batch(config) for config in configs]
+print("READY", flush=True)
+for number, line in enumerate(sys.stdin):
+    if line.strip() == "quit":
+        break
+    order = list(range(len(trainers)))
+    if number % 2:
+        order.reverse()
+    seconds = [0.0] * len(trainers)
+    for index in order:
+        start = time.perf_counter()
+        trainers[index].train_step(raws[index])
+        seconds[index] = time.perf_counter() - start
+    print(json.dumps(seconds), flush=True)
+"""
+
+
+class RoundWorker:
+    """A child process holding several configs' Trainers; a call runs one step of each, interleaved
+    inside the child (the order reverses every round), and returns their seconds: variants compared
+    in one process, the way a user's own measurement would, under the child's environment."""
+
+    def __init__(self, configs: list[BenchConfig], env: Mapping[str, str | None] | None = None, threads: int = 1,
+                 scratch: str = "runs/.cache/bench/scratch"):
+        child_env = dict(os.environ)
+        for name, value in (env or {}).items():
+            if value is None:
+                child_env.pop(name, None)
+            else:
+                child_env[name] = value
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _ROUND_CHILD, json.dumps([asdict(c) for c in configs]), str(threads), str(scratch)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+        )
+        if self.process.stdout.readline().strip() != "READY":
+            self.close()
+            error = self.process.stderr.read().strip().splitlines()
+            raise RuntimeError(f"round worker failed: {error[-1] if error else 'no output'}")
+
+    def __call__(self) -> list[float]:
+        self.process.stdin.write("round\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write("quit\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=30)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()

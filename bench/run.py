@@ -5,14 +5,18 @@
     python -m bench --only objective,overhead      # some items, printed only
 
 Items (one module each, bench/<item>.py): objective cost, platform overhead, data
-path, compute efficiency, sampling quality vs NFE, memory, scaling of cost with work.
-Every measurement is appended to bench/results.jsonl; BENCHMARKS.md is generated from
-this run. Nothing fails on time: the report says which targets are met.
+path, compute efficiency, sampling quality vs NFE, memory, scaling of cost with work, host
+settings (stock vs cpu_shared), torch.compile, data parallelism, checkpoint writes.
+Every measurement is appended to the history file (runs/bench/history.jsonl, git-ignored), which
+the report's "Between runs" table reads; a full run (every item, not --quick) also rewrites
+bench/results.jsonl with its own records (committed beside BENCHMARKS.md, which is generated from
+this run). Nothing fails on time: the report says which targets are met.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 import time
@@ -30,6 +34,7 @@ import torch  # noqa: E402
 
 from bench.core import (  # noqa: E402
     DEFAULT_CACHE,
+    DEFAULT_HISTORY,
     DEFAULT_RESULTS,
     BenchContext,
     ResultsLog,
@@ -41,12 +46,14 @@ from bench.history import histories, read_records  # noqa: E402
 from bench.report import render_report, render_section  # noqa: E402
 from selfflow.components.files import write_text_atomic  # noqa: E402
 
-ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling")
+ITEMS = ("objective", "overhead", "data", "compute", "sampling", "memory", "scaling", "settings", "compile",
+         "parallel", "checkpoint")
 # Memory and scaling run before sampling so that the sampling model, when it is not cached, trains
 # in a child process (1 thread) meanwhile: memory measures peak RSS, which CPU contention does not
 # change, and scaling runs at 1 thread on the other core, as a sweep's trials do here (together they
 # save ~3 min of a cold run). The report keeps the ITEMS order.
-RUN_ORDER = ("objective", "overhead", "data", "compute", "memory", "scaling", "sampling")
+RUN_ORDER = ("objective", "overhead", "data", "compute", "memory", "scaling", "sampling", "settings", "compile",
+             "parallel", "checkpoint")
 OVERLAP_MODEL_TRAINING = ("memory", "scaling")
 
 
@@ -70,7 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke sizes: every item, a few repeats (< 3 min)")
     parser.add_argument("--out", default=None, help="write the Markdown report here (e.g. BENCHMARKS.md)")
     parser.add_argument("--only", default=None, help=f"comma-separated items out of: {', '.join(ITEMS)}")
-    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON-lines file to append to ('' = none)")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS),
+                        help="JSON-lines file a full run rewrites with its records ('' = none)")
+    parser.add_argument("--history", default=str(DEFAULT_HISTORY),
+                        help="JSON-lines file every run appends to; the Between runs table reads it ('' = none)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="cache folder (trained models, shards)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args(argv)
@@ -84,12 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_info = new_run_info(args.quick, command.strip())
     machine = machine_info()
     earlier_records = []  # the report follows targets across the runs on record
-    if args.results and Path(args.results).exists():
+    history = Path(args.history) if args.history else None
+    if history is not None and not history.exists() and args.results and Path(args.results).exists():
+        history.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone: history starts at the committed run
+        history.write_text(Path(args.results).read_text())
+    if history is not None and history.exists():
         try:  # a bad file fails now, not after the run
-            earlier_records = read_records(args.results)
+            earlier_records = read_records(history)
         except ValueError as error:
             raise SystemExit(f"bench: {error}") from None
-    results = ResultsLog(args.results or None, run_info)
+    results = ResultsLog(history, run_info)
     results.record("machine", "info", 0, "", **machine, command=run_info["command"])
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -112,11 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             job.stop()  # an item failed or was interrupted: no orphan trainer
     total = time.perf_counter() - started
     results.record("run", "total_seconds", total, "s", items=items)
+    if args.results and not args.quick and list(items) == list(ITEMS):  # the last full run's records only
+        write_text_atomic(args.results, "".join(json.dumps(record, sort_keys=True, default=str) + "\n"
+                                                for record in results.records))
     if args.out:
         # Atomic: an interrupted bench never leaves half a report.
         chosen = [sections[name] for name in items]
         targets = [target for section in chosen for target in section.targets]
-        followed = histories(earlier_records + results.records, targets) if args.results else []
+        followed = histories(earlier_records + results.records, targets) if history is not None else []
         path = write_text_atomic(args.out, render_report(chosen, machine, run_info, total, followed))
         ctx.log(f"report written to {path} ({total / 60:.1f} min)")
     return 0

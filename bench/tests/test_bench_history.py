@@ -111,13 +111,14 @@ def test_main_follows_targets_across_runs_and_refuses_a_broken_results_file(tmp_
     monkeypatch.setattr(bench, "new_run_info", lambda quick, command: {**real_run_info(quick, command),
                                                                         "git_commit": "c0ffee1234", "git_dirty": False})
     monkeypatch.setattr(bench, "run_item", fake_item)
-    out, results = tmp_path / "BENCH.md", tmp_path / "results.jsonl"
-    arguments = ["--only", "objective", "--out", str(out), "--results", str(results), "--cache", str(tmp_path / "c")]
+    out, results = tmp_path / "BENCH.md", tmp_path / "history.jsonl"
+    arguments = ["--only", "objective", "--out", str(out), "--history", str(results), "--results", "",
+                 "--cache", str(tmp_path / "c")]
     assert bench.main(arguments) == 0 and bench.main(arguments) == 0
     assert "| 1 | SF / FM | 2 | 1 | 1.3 | 1.2-1.4 | c0ffee1 |" in out.read_text()
 
     results.write_text(results.read_text() + "not json\n")
     before = results.read_text()
-    with pytest.raises(SystemExit, match=r"results.jsonl:\d+: not a JSON line"):
+    with pytest.raises(SystemExit, match=r"history.jsonl:\d+: not a JSON line"):
         bench.main(arguments)
     assert results.read_text() == before  # refused before measuring or appending anything

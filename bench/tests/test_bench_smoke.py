@@ -179,12 +179,16 @@ def test_report_renders_tables_targets_and_machine():
     machine = {"cpu": "Test CPU", "logical_cpus": 2, "torch": "x", "torch_threads": 2}
     text = render_report([section], machine, {"command": "bench --quick", "git_commit": "abc", "quick": True}, 60.0)
     assert "Test CPU" in text and "## 1. Objective cost" in text and "cmd --only objective" in text
-    assert "| 1 | SF / FM | 1.3 | - | <= 1.25 | **no** |" in text
+    assert "| 1 | SF / FM | 1.3 | - | <= 1.25 | **no** | cpu_shared | - |" in text
     noisy = Section("objective", "Objective cost", "cmd", "meaning",
                     targets=[Target("SF / FM", 1.24, 1.25, "<=", interval=(1.2, 1.3))])
     text = render_report([noisy], machine, {"command": "bench", "git_commit": "abc"}, 60.0)
-    assert "| 1 | SF / FM | 1.24 | 1.2-1.3 | <= 1.25 | yes, within noise |" in text
-    assert "SF / FM: 1.24 (target <= 1.25, 95% interval 1.2-1.3) -> **met, within noise**" in text
+    assert "| 1 | SF / FM | 1.24 | 1.2-1.3 | <= 1.25 | yes, within noise | cpu_shared | - |" in text
+    assert "SF / FM: 1.24 (target <= 1.25, 95% interval 1.2-1.3) -> **met, within noise** [setting: cpu_shared]" in text
+    stock = Section("settings", "Host settings", "cmd", "meaning", targets=[
+        Target("SF / FM, stock", 1.39, 1.25, "<=", setting="stock", absolute="FM 700 samples/s")])
+    text = render_report([stock], machine, {"command": "bench"}, 1.0)
+    assert "| 1 | SF / FM, stock | 1.39 | - | <= 1.25 | **no** | stock | FM 700 samples/s |" in text
     assert "bfloat16 instructions unknown" in text
     for flags, shown in ((["avx512_bf16"], "bfloat16 instructions: avx512_bf16"), ([], "matmuls are emulated")):
         assert shown in render_report([noisy], {**machine, "cpu_bfloat16": flags}, {"command": "bench"}, 1.0)
@@ -196,13 +200,20 @@ def test_main_writes_the_report_and_results(tmp_path, monkeypatch):
         return Section(name, f"title {name}", "cmd", "meaning", tables=[Table(["x"], [[1]])])
 
     monkeypatch.setattr(bench, "run_item", fake_item)
-    out, results = tmp_path / "BENCH.md", tmp_path / "results.jsonl"
-    assert bench.main(["--quick", "--only", "data,objective", "--out", str(out), "--results", str(results),
-                       "--cache", str(tmp_path / "cache")]) == 0
+    monkeypatch.setattr("bench.sampling.start_background_training", lambda ctx: None)  # no real model training
+    out, results, history = tmp_path / "BENCH.md", tmp_path / "results.jsonl", tmp_path / "runs" / "history.jsonl"
+    files = ["--results", str(results), "--history", str(history), "--cache", str(tmp_path / "cache")]
+    assert bench.main(["--quick", "--only", "data,objective", "--out", str(out), *files]) == 0
     text = out.read_text()
     assert text.index("title objective") < text.index("title data")  # items run in the order
-    metrics = [json.loads(line)["item"] for line in results.read_text().splitlines()]
+    metrics = [json.loads(line)["item"] for line in history.read_text().splitlines()]
     assert metrics == ["machine", "objective", "data", "run"]
+    assert not results.exists()  # only a full run rewrites the committed file
+    for _ in range(2):
+        assert bench.main(files) == 0  # every item, full sizes (faked): the committed file holds the last run
+    kept = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["item"] for r in kept] == ["machine", *bench.RUN_ORDER, "run"] and len({r["run_id"] for r in kept}) == 1
+    assert len(history.read_text().splitlines()) == 4 + 2 * len(kept)
     with pytest.raises(SystemExit):
         bench.parse_items("objective,nonsense")
 
@@ -302,6 +313,18 @@ def test_step_worker_runs_steps_in_a_child_and_reports_its_peak(tmp_path):
     worker.wait_step()
     peak = worker.close()
     assert peak is not None and peak > 10
+
+
+def test_round_worker_steps_its_configs_interleaved_in_one_child(tmp_path):
+    from bench.procs import RoundWorker
+
+    configs = [setup.digits(objective=o, batch_size=2, hidden_dim=16) for o in ("fm", "selfflow")]
+    worker = RoundWorker(configs, {"OMP_WAIT_POLICY": None}, threads=1, scratch=str(tmp_path))
+    try:
+        seconds = [worker(), worker()]
+    finally:
+        worker.close()
+    assert all(len(round_) == 2 and all(s > 0 for s in round_) for round_ in seconds)
 
 
 def test_compute_item_reuses_step_measurements_of_item_one(tmp_path, monkeypatch):

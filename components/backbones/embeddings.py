@@ -99,6 +99,8 @@ class LabelEmbedder(nn.Module):
             )
         # The value check reads the labels on the host: done for CPU tensors only, because on an
         # accelerator it would stall every forward (the trainer checks raw labels before moving them).
-        if labels.device.type == "cpu":
+        # Not inside torch.compile either: a value-dependent branch would split the graph (the trainer
+        # checks the raw labels of a compiled run too).
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
             check_label_range(labels, self.num_classes)
         return self.table(labels.long())

@@ -29,6 +29,9 @@ from selfflow.platform.evaluate.generation import SamplingConfig
 from selfflow.platform.host import PRESETS as HOST_PRESETS
 
 LR_DECAYS = ("constant", "cosine", "linear")
+EVAL_MODES = ("auto", "inline", "background")
+CHECKPOINT_MODES = ("background", "blocking")
+COMPILE_MODES = ("none", "backbone", "step")
 
 
 @dataclass
@@ -36,7 +39,8 @@ class TrainConfig:
     """Optimisation and loop settings."""
 
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64  # the GLOBAL batch of one optimizer step, over all workers (the paper's number)
+    micro_batch: int = 0  # samples per worker per forward/backward (memory); 0: batch_size / workers, no accumulation
     lr: float = 1e-3
     warmup_steps: int = 0
     lr_decay: str = "constant"  # after warmup: 'constant', 'cosine' or 'linear' down to lr * final_lr_fraction
@@ -57,12 +61,16 @@ class TrainConfig:
     nan_policy: str = "raise"
     num_threads: int = 0
     host: str = "stock"  # 'stock' or 'cpu_shared' (platform/host.py; the preset train/cpu_shared.gin)
+    eval_mode: str = "auto"  # 'inline', 'background' (a separate process from a snapshot) or 'auto' (background with > 1 worker)
+    checkpoint_mode: str = "background"  # 'background' (write + verify on a thread) or 'blocking'
+    process_group_timeout_s: float = 1800.0  # how long a collective waits for a slow rank (Ray's TorchConfig.timeout_s)
+    compile: str = "none"  # torch.compile: 'none', 'backbone' (student, EMA teacher, sampling), 'step' (+ the objective)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_threads"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_threads", "micro_batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
@@ -90,6 +98,44 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
         if self.host not in HOST_PRESETS:
             raise ConfigError(f"TrainConfig.host must be one of {', '.join(HOST_PRESETS)}, got {self.host!r}")
+        for name, allowed in (("eval_mode", EVAL_MODES), ("checkpoint_mode", CHECKPOINT_MODES),
+                              ("compile", COMPILE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.process_group_timeout_s > 0:
+            raise ConfigError(f"TrainConfig.process_group_timeout_s must be positive, got {self.process_group_timeout_s}")
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ConfigError(f"TrainConfig.batch_size = {self.batch_size} (the global batch) is not a multiple of "
+                              f"TrainConfig.micro_batch = {self.micro_batch}")
+
+    def layout(self, workers: int) -> "BatchLayout":
+        """How the global batch splits over `workers`: micro-batch per worker and accumulation steps."""
+        if self.micro_batch:
+            per_step = workers * self.micro_batch
+            if self.batch_size % per_step:
+                raise ConfigError(f"TrainConfig.batch_size = {self.batch_size} (the global batch) is not a multiple of "
+                                  f"{workers} workers x TrainConfig.micro_batch = {self.micro_batch} = {per_step}")
+            return BatchLayout(self.batch_size, workers, self.micro_batch, self.batch_size // per_step)
+        if self.batch_size % workers:
+            raise ConfigError(f"TrainConfig.batch_size = {self.batch_size} (the global batch) does not divide over "
+                              f"{workers} workers: make it a multiple of {workers} (or set TrainConfig.micro_batch)")
+        return BatchLayout(self.batch_size, workers, self.batch_size // workers, 1)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """global_batch = workers x micro_batch x accumulation: each optimizer step, every worker runs
+    `accumulation` forward/backward passes of `micro_batch` samples."""
+
+    global_batch: int
+    workers: int
+    micro_batch: int
+    accumulation: int
+
+    def describe(self) -> str:
+        steps = "step" if self.accumulation == 1 else "steps"
+        return (f"global batch {self.global_batch} = {self.workers} worker{'s' if self.workers > 1 else ''} x "
+                f"micro-batch {self.micro_batch} x {self.accumulation} accumulation {steps}")
 
 
 def check_betas(betas: Any) -> None:

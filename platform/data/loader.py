@@ -22,10 +22,18 @@ never ends: the trainer decides the step count. The same seed gives the same bat
 sequence for a fixed worker count; with no dropped remainder (every slot's sample
 count a multiple of batch_size) an epoch holds exactly the same samples for any W.
 
-Resuming: a position is (epoch, batch_in_epoch). Restoring regenerates epoch e and
-skips the batches already taken (reading and dropping their samples), which is cheap
-for the small data sets this platform shards; the DataLoader's round-robin over
-workers is rotated so the next batch is exactly what an uninterrupted run would give.
+Shuffling within a slot, two ways (`shuffle`):
+- 'buffer': webdataset's shuffle buffer over the slot's stream. Resuming regenerates epoch e and
+  skips the batches already taken by reading and dropping their samples: O(position), from memory
+  for a set small enough to be cached (DECODED_CACHE_BYTES).
+- 'blocks': the slot's shards in groups of `block_shards` consecutive shards (in the epoch's shard
+  order); each block's samples are permuted together (a seeded permutation of (seed, epoch, slot,
+  block)) and the blocks follow each other. A position maps, from the index's per-shard counts
+  alone, to (block, offset) per rank and reader: resuming reads that one block, whatever the
+  position (O(1) in the epoch's length). The large-data choice (ImageNet latents).
+'auto' (ShardData's default) is 'buffer' for sets up to DECODED_CACHE_BYTES, 'blocks' above.
+Either way the DataLoader's round-robin over workers is rotated so the next batch is exactly what
+an uninterrupted run would give.
 """
 from __future__ import annotations
 
@@ -63,6 +71,8 @@ _SHARD_ORDER_TAG = 0
 # sets are otherwise loader-bound (tar + npy parsing per sample; docs/performance.md).
 DECODED_CACHE_BYTES = 256 * 2**20
 _SAMPLE_SHUFFLE_TAG = 1
+_BLOCK_SHUFFLE_TAG = 2
+SHUFFLES = ("buffer", "blocks")
 # Limits checked against each tar member's header before it is read (see the module docstring).
 MEMBER_LIMIT_BYTES = 16 * 2**20  # labels, json, txt, ...: a member the index does not size
 SAMPLE_LIMIT_BYTES = 2**30  # the largest array per sample an index may declare
@@ -343,6 +353,8 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         keys: Sequence[str] = ("npy", "cls"),
+        shuffle: str = "buffer",
+        block_shards: int = 4,
     ) -> None:
         super().__init__()
         if not _positive_int(batch_size):
@@ -355,6 +367,10 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
         if not _positive_int(shuffle_buffer):
             raise ValueError(f"shuffle_buffer must be a positive int (1 = no shuffling), got {shuffle_buffer!r}")
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+        if not _positive_int(block_shards):
+            raise ValueError(f"block_shards must be a positive int, got {block_shards!r}")
         self.index = read_index(source, split)
         if tuple(keys) != (self.index.array_key, self.index.label_key):
             raise ValueError(
@@ -366,6 +382,8 @@ class ShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
+        self.shuffle = shuffle
+        self.block_shards = block_shards
         self._reader = _ShardReader(self.index)
         self._start = (0, 0)  # (epoch, batch_in_epoch) the iteration begins at
 
@@ -426,6 +444,9 @@ class ShardDataset(IterableDataset):
         return positioned
 
     def _slot_batches(self, epoch: int, slot: int, num_slots: int, skip: int) -> Iterator[Batch]:
+        if self.shuffle == "blocks":
+            yield from self._block_batches(epoch, slot, num_slots, skip)
+            return
         num_batches = self.batches_per_slot(epoch, num_slots)
         samples = self._reader.samples(self.slot_shards(epoch, slot, num_slots))
         rng = random.Random(_derived_seed(self.seed, epoch, slot, _SAMPLE_SHUFFLE_TAG))
@@ -435,6 +456,39 @@ class ShardDataset(IterableDataset):
             yield from wds.batched(self.batch_size, collation_fn=_collate, partial=False)(kept)
         finally:
             samples.close()  # closes the open shard file when we stop early
+
+    def slot_blocks(self, epoch: int, slot: int, num_slots: int) -> list[tuple[list[Path], int]]:
+        """The slot's blocks in epoch `epoch`: (shards, samples in them), from the index alone."""
+        order = self.shard_order(epoch)[slot::num_slots]
+        groups = [order[i:i + self.block_shards] for i in range(0, len(order), self.block_shards)]
+        return [([self.index.shard_paths[i] for i in group], sum(self.index.counts[i] for i in group))
+                for group in groups]
+
+    def block_position(self, epoch: int, slot: int, num_slots: int, skip: int) -> tuple[int, int]:
+        """(block, offset in it) of the sample after `skip` batches of the slot's epoch stream."""
+        remaining = skip * self.batch_size
+        blocks = self.slot_blocks(epoch, slot, num_slots)
+        for number, (_, size) in enumerate(blocks):
+            if remaining < size:
+                return number, remaining
+            remaining -= size
+        return len(blocks), 0
+
+    def _block_batches(self, epoch: int, slot: int, num_slots: int, skip: int) -> Iterator[Batch]:
+        wanted = (self.batches_per_slot(epoch, num_slots) - skip) * self.batch_size
+        start_block, offset = self.block_position(epoch, slot, num_slots, skip)
+
+        def samples() -> Iterator[tuple[str, np.ndarray, int]]:
+            for number, (shards, _) in enumerate(self.slot_blocks(epoch, slot, num_slots)):
+                if number < start_block:
+                    continue  # never read: the position says where to start
+                block = list(self._reader.samples(shards))
+                rng = np.random.default_rng(_derived_seed(self.seed, epoch, slot, number, _BLOCK_SHUFFLE_TAG))
+                order = rng.permutation(len(block))
+                yield from (block[i] for i in order[offset if number == start_block else 0:])
+
+        kept = islice(samples(), max(0, wanted))
+        yield from wds.batched(self.batch_size, collation_fn=_collate, partial=False)(kept)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -514,6 +568,7 @@ class ShardLoader:
             "world_size": dataset.world_size,
             "num_samples": dataset.index.total,
             "num_shards": len(dataset.index.shard_paths),
+            **({"shuffle_blocks": dataset.block_shards} if dataset.shuffle == "blocks" else {}),
         }
 
     def state_dict(self) -> dict[str, int]:
@@ -522,6 +577,10 @@ class ShardLoader:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue exactly where `state` was taken (the same on every rank)."""
+        if ("shuffle_blocks" in state) != (self.dataset.shuffle == "blocks"):
+            saved = "blocks" if "shuffle_blocks" in state else "buffer"
+            raise ValueError(f"data state was saved with shuffle={saved!r} but this loader has "
+                             f"shuffle={self.dataset.shuffle!r}; resuming would not reproduce the same batches")
         for name, value in self._identity().items():
             if state.get(name, value) != value:
                 raise ValueError(
@@ -537,6 +596,14 @@ class ShardLoader:
             raise ValueError(f"data state batch_in_epoch must be an int in [0, {epoch_length}), got {batch_in_epoch!r}")
         self.close()
         self.epoch, self.batch_in_epoch, self._epoch_length = epoch, batch_in_epoch, epoch_length
+
+
+def resolve_shuffle(shuffle: str, index: ShardIndex) -> str:
+    """'auto': 'buffer' for a set small enough to keep decoded in memory, 'blocks' (O(1) resume) above."""
+    if shuffle != "auto":
+        return shuffle
+    on_disk = sum(path.stat().st_size for path in index.shard_paths)
+    return "buffer" if on_disk <= DECODED_CACHE_BYTES else "blocks"
 
 
 def make_loader(dataset: ShardDataset, num_workers: int = 0) -> ShardLoader:

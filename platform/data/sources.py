@@ -9,11 +9,13 @@ import numpy as np
 
 from selfflow.platform.data import DataError
 from selfflow.platform.data.loader import (
+    SHUFFLES,
     ShardDataset,
     load_split_arrays,
     make_loader,
     read_index,
     resolve_index_path,
+    resolve_shuffle,
 )
 from selfflow.platform.errors import UserError
 
@@ -24,6 +26,9 @@ class ShardData:
     root: folder with `{split}.index.json` files written by `selfflow data ...`.
     sample_rate: audio only, Hz of the waveforms (sample players need it; checked against the
         shards' metadata when it records one). 0 for other modalities.
+    shuffle: 'buffer' (webdataset's shuffle buffer; resume replays the epoch up to the position),
+        'blocks' (`block_shards` shards permuted together; resume reads one block, whatever the
+        position) or 'auto' ('buffer' for sets kept decoded in memory, 'blocks' above); loader.py.
     """
 
     def __init__(
@@ -38,6 +43,8 @@ class ShardData:
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         sample_rate: int = 0,
+        shuffle: str = "auto",
+        block_shards: int = 4,
     ):
         if num_classes < 0:
             raise UserError(f"ShardData.num_classes must be >= 0, got {num_classes}")
@@ -52,6 +59,9 @@ class ShardData:
         self.eval_split = eval_split
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
+        if shuffle not in ("auto", *SHUFFLES):
+            raise UserError(f"ShardData.shuffle must be one of auto, {', '.join(SHUFFLES)}, got {shuffle!r}")
+        self.shuffle, self.block_shards = shuffle, int(block_shards)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 0:
             raise UserError(f"ShardData.sample_rate must be an int >= 0 (Hz), got {sample_rate!r}")
         self.sample_rate = sample_rate
@@ -87,7 +97,8 @@ class ShardData:
         index = self._index(self.train_split)
         try:
             dataset = ShardDataset(
-                index.path, batch_size, seed, rank=rank, world_size=world_size, shuffle_buffer=self.shuffle_buffer
+                index.path, batch_size, seed, rank=rank, world_size=world_size, shuffle_buffer=self.shuffle_buffer,
+                shuffle=resolve_shuffle(self.shuffle, index), block_shards=self.block_shards,
             )
             loader = make_loader(dataset, num_workers=self.num_workers)
         except (DataError, ValueError) as error:

@@ -6,8 +6,10 @@ rank, the DDP wrapper and a report callback. Only rank 0 logs and writes checkpo
 
 Every rank reads its own shard of the data (ShardData.loader(rank, world_size): the same number
 of batches on every rank) and takes exactly TrainConfig.steps steps: gloo hangs when ranks
-disagree on the step count. TrainConfig.batch_size is per worker (global batch =
-batch_size * workers).
+disagree on the step count. TrainConfig.batch_size is the global batch: each worker takes
+TrainConfig.micro_batch (default batch_size / workers) per forward, accumulating when
+batch_size > workers x micro_batch. Evaluation runs in a separate process from an EMA snapshot
+(TrainConfig.eval_mode 'auto'), so no rank waits for it inside a collective.
 
 Fault tolerance: rank 0 reports each checkpoint to Ray Train (`ray.train.report`), Ray's
 FailureConfig restarts a dead worker group, and the new group resumes from the newest
@@ -15,6 +17,7 @@ checkpoint (Ray's, else the run folder's) inside the same MLflow run.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -69,15 +72,18 @@ def plain_error(error: BaseException) -> Exception:
 
 
 class FrameworkReport:
-    """Hands metrics (and the checkpoint just written) to Ray Train or Tune.
+    """Hands metrics (and the newest checkpoint written since the last report) to Ray Train or Tune.
 
     Runs on every rank at the same steps (log steps, checkpoint steps, the last step):
     `ray.train.report` is a collective. Must come after CheckpointEvery in the callbacks.
+    Checkpoints are written on a background thread: one still being written is reported at a
+    later report step (the last step's is waited for).
     """
 
     def __init__(self, report: ReportFn, verbose: bool = False):
         self.report = report
         self.verbose = verbose
+        self.reported: Path | None = None
 
     def on_step_end(self, trainer, logs) -> None:
         config = trainer.config
@@ -90,8 +96,12 @@ class FrameworkReport:
         if self.verbose and trainer.rank == 0:
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss/total", "train/samples_per_s") if k in metrics)
             print(f"selfflow: step {trainer.step}/{config.steps} {shown}", flush=True)
-        path = ckpt.step_path(trainer.checkpoint_dir, trainer.step) if saved and trainer.rank == 0 else None
-        self.report(metrics, path if path is not None and path.is_file() else None)
+        path = trainer.writer.completed if trainer.rank == 0 else None
+        if path is not None and (path == self.reported or not path.is_file()):
+            path = None
+        if path is not None:
+            self.reported = path
+        self.report(metrics, path)
 
 
 def report_with_checkpoint(report_fn: Callable[..., None], checkpoint_cls) -> ReportFn:
@@ -202,8 +212,10 @@ class Scaling:
             raise UserError(f"max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
 
 
-def make_torch_trainer(spec: RunSpec, scaling: Scaling, storage_path: str | Path, name: str, callbacks=()):
-    """A TorchTrainer that runs `train_loop_per_worker` (gloo on CPU, NCCL on GPU)."""
+def make_torch_trainer(spec: RunSpec, scaling: Scaling, storage_path: str | Path, name: str, callbacks=(),
+                       timeout_s: float = 1800.0):
+    """A TorchTrainer that runs `train_loop_per_worker` (gloo on CPU, NCCL on GPU); timeout_s: how long
+    a collective waits for a slow rank (TrainConfig.process_group_timeout_s)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -215,7 +227,7 @@ def make_torch_trainer(spec: RunSpec, scaling: Scaling, storage_path: str | Path
         train_loop_per_worker,
         train_loop_config={"spec": spec, "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(math.ceil(timeout_s))),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
@@ -262,6 +274,8 @@ def _launch(prepared: PreparedRun, scaling: Scaling, gin_files: Sequence[str], g
 
     name = str(gin.query_parameter("build_experiment.name")) if _bound("build_experiment.name") else "experiment"
     host_preset = str(gin.query_parameter("TrainConfig.host")) if _bound("TrainConfig.host") else "stock"
+    timeout_s = (float(gin.query_parameter("TrainConfig.process_group_timeout_s"))
+                 if _bound("TrainConfig.process_group_timeout_s") else 1800.0)
     checkpoint_dir = run_dir / "checkpoints"
     source, state = ckpt.load_latest(checkpoint_dir) if resume else (None, None)
     if state is not None:
@@ -290,7 +304,7 @@ def _launch(prepared: PreparedRun, scaling: Scaling, gin_files: Sequence[str], g
                    experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id, tags=tags,
                    threads=max(1, int(scaling.cpus_per_worker)), progress=progress,
                    resume_changes=prepared.resume_changes)
-    trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}")
+    trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}", timeout_s=timeout_s)
     started = time.perf_counter()
     try:
         result = fit_interruptibly(trainer)

@@ -22,7 +22,9 @@ log = logging.getLogger("selfflow.evaluation")
 
 
 class CheckpointEvery:
-    """Save full state every `every` steps and at the last step (rank 0 writes), then apply retention.
+    """Save full state every `every` steps and at the last step (rank 0 writes, on a background
+    thread unless TrainConfig.checkpoint_mode is 'blocking'; the last checkpoint is waited for, so
+    that it is complete when the run ends), then apply retention.
 
     With `defer_retention` (what the driver uses) it writes only, listed before every optional
     callback of the step (sample grids, evaluation), so the trained state is on disk whatever they
@@ -46,6 +48,7 @@ class CheckpointEvery:
         elif path is not None:
             trainer.apply_retention()
         if trainer.step == trainer.config.steps and path is not None:
+            trainer.writer.wait()
             pointer = write_text_atomic(trainer.run_dir / "final_checkpoint.txt", f"{path.resolve()}\n")
             trainer.tracker.set_tags({"final_checkpoint": str(path.resolve())})
             trainer.tracker.log_artifact(pointer)
@@ -141,23 +144,27 @@ class EvalCallback:
         self.announced = False
 
     def on_step_end(self, trainer, logs) -> None:
-        if trainer.rank != 0:
-            return
+        if trainer.rank == 0 and self.is_due(trainer):
+            self.evaluate(trainer)
+
+    def is_due(self, trainer) -> bool:
         min_steps = getattr(self.suite, "min_steps", 0)
         if trainer.config.steps < min_steps and not self.announced:
             self.announced = True
             log.warning("run of %d steps < EvalSuite.min_steps=%d: no evaluation (run `selfflow eval` on it)",
                         trainer.config.steps, min_steps)
-        if self.suite.due(trainer.step, trainer.config.steps, trainer.config.eval_every):
-            self.evaluate(trainer)
+        return self.suite.due(trainer.step, trainer.config.steps, trainer.config.eval_every)
 
     def evaluate(self, trainer) -> None:
+        self.run_suite(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
+
+    def run_suite(self, experiment, model, step: int, tracker, run_dir) -> None:
+        """The suite on `model` at `step` (also what a background evaluation process runs)."""
         if self.modality is None:
-            self.suite.run(trainer.experiment, trainer.eval_model, trainer.step, trainer.tracker, trainer.run_dir)
+            self.suite.run(experiment, model, step, tracker, run_dir)
             return
-        self.suite.run(trainer.experiment.view(self.modality), trainer.eval_model, trainer.step,
-                       PrefixedTracker(trainer.tracker, self.modality), trainer.run_dir,
-                       out_dir=Path(trainer.run_dir) / "eval" / self.modality)
+        self.suite.run(experiment.view(self.modality), model, step, PrefixedTracker(tracker, self.modality), run_dir,
+                       out_dir=Path(run_dir) / "eval" / self.modality)
 
 
 def evaluation_callbacks(evaluation: Any) -> list[EvalCallback]:

@@ -8,13 +8,15 @@ import math
 import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from selfflow.components.files import write_text_atomic
-from selfflow.platform.errors import CheckpointError
+from selfflow.platform.errors import CheckpointError, TrainingError
 from selfflow.platform.torchfile import load, save_atomic, verify  # noqa: F401  (re-exported)
 
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
@@ -130,6 +132,15 @@ class Retention:
             keep.add(best)
         return keep
 
+    def record(self, step: int, value: float) -> None:
+        """A metric value that arrived after its checkpoint was saved (a background evaluation);
+        it counts from the next save on."""
+        if not self.metric or not math.isfinite(value) or not step_path(self.folder, step).is_file():
+            return
+        values = self.values()
+        values[step] = float(value)
+        self._write_values(values)
+
     def after_save(self, step: int, value: float | None) -> list[Path]:
         """Record the new checkpoint's metric value, delete what is no longer kept; returns the deleted."""
         values = self.values() if self.metric else {}
@@ -145,3 +156,104 @@ class Retention:
         if self.metric:
             self._write_values({s: v for s, v in values.items() if s in keep})
         return deleted
+
+
+def host_copy(value: Any) -> Any:
+    """A copy of a (nested) state whose tensors live in host memory and share nothing with the
+    live ones: what a background writer may serialise while training changes the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+def write_verified(state: dict[str, Any], path: Path) -> Path:
+    """Atomic write, then read the whole file back for its CRCs; a failure keeps every older
+    checkpoint and renames the bad file to *.corrupt."""
+    save_atomic(state, path)
+    problem = verify(path)
+    if problem is not None:  # a disk hiccup: keep every older checkpoint, stop loudly
+        path.replace(path.with_name(path.name + ".corrupt"))
+        raise TrainingError(f"checkpoint {path} failed verification after writing ({problem}); older ones kept")
+    return path
+
+
+class CheckpointWriter:
+    """Writes checkpoints with the guarantees of `write_verified` (temp file + fsync + rename, every
+    CRC read back) either in the caller (blocking) or on a background thread, so the training loop
+    waits only while the state is copied to host memory.
+
+    At most one write is in flight: the next `submit` (and `wait`) waits for it. A failed
+    background write raises its TrainingError in the training thread at the next `submit`,
+    `wait` or `raise_if_failed`. `then(action)` runs `action(path)` once the file in flight is
+    verified (retention: nothing older is deleted before its successor is safe); `completed` is
+    the newest verified checkpoint; `blocked_seconds` the loop's wait of the last save.
+    """
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self.completed: Path | None = None
+        self.blocked_seconds = 0.0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._writing: Path | None = None  # the file in flight, until verified or failed
+        self._then: list[Callable[[Path], None]] = []
+
+    def submit(self, state: dict[str, Any], path: Path) -> None:
+        started = time.perf_counter()
+        self.wait()
+        self._writing = Path(path)
+        if not self.background:
+            self._write(state, Path(path))
+            self.raise_if_failed()
+        else:
+            snapshot = host_copy(state)
+            self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)),
+                                            name="selfflow-checkpoint-writer")
+            self._thread.start()
+        self.blocked_seconds = time.perf_counter() - started
+
+    def then(self, action: Callable[[Path], None]) -> None:
+        """Run `action(path)` after the write in flight is verified (on the writer's thread), or
+        now with the newest verified file when nothing is in flight; never after a failed write."""
+        with self._lock:
+            if self._writing is not None:
+                self._then.append(action)
+                return
+            done = self.completed
+        if done is not None and self._error is None:
+            action(done)
+
+    def _write(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            write_verified(state, path)
+            with self._lock:
+                self.completed, self._writing = path, None
+                actions, self._then = self._then, []
+            for action in actions:
+                action(path)
+        except BaseException as error:  # handed to the training thread
+            with self._lock:
+                self._writing, self._then = None, []
+            self._error = error
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> Path | None:
+        """Wait for the write in flight (if any); raise its error; returns the newest verified file."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.raise_if_failed()
+        return self.completed
+
+    def raise_if_failed(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error

@@ -32,6 +32,7 @@ from selfflow.platform.tracking import provenance
 from selfflow.platform.tracking.mlflow_tracker import MLflowTracker, check_sqlite_store, tracking_uri_for
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train import run_folder
+from selfflow.platform.train.background_eval import BackgroundEvaluation
 from selfflow.platform.train.callbacks import CheckpointEvery, LogOperativeConfig, SampleGrid, evaluation_callbacks
 from selfflow.platform.train.interrupts import RunInterrupted, StopOnSignal, stop_at_step_end
 from selfflow.platform.train.parallel import ReplicaCheck
@@ -85,21 +86,25 @@ def experiment_name_in_config() -> str:
         return "experiment"
 
 
-def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = ()) -> list:
+def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = (), world_size: int = 1) -> list:
     """The callbacks every training run uses, in order: the replica check, then the checkpoint
     (the trained state is on disk before anything optional runs), then the optional ones (operative
     config, sample grid, evaluation, `extra` such as system metrics), then checkpoint retention (it
     may rank by a metric evaluation just logged). Callbacks added after these (reports to Ray) may
     rely on this step's checkpoint. StopOnSignal comes first and last: a SIGINT/SIGTERM ends the run
-    at the end of its step."""
-    checkpoints = CheckpointEvery(experiment.train.checkpoint_every, defer_retention=True)
+    at the end of its step. TrainConfig.eval_mode 'background' (or 'auto' with more than one worker)
+    moves the sample grid and evaluation to a separate process."""
+    config = experiment.train
+    checkpoints = CheckpointEvery(config.checkpoint_every, defer_retention=True)
+    evaluations: list = [SampleGrid(config.eval_every), *evaluation_callbacks(experiment.evaluation)]
+    if config.eval_mode == "background" or (config.eval_mode == "auto" and world_size > 1):
+        evaluations = [BackgroundEvaluation(config.eval_every, evaluations[1:], gin.config_str())]
     return [
         StopOnSignal(),
         ReplicaCheck(),
         checkpoints,
         LogOperativeConfig(),
-        SampleGrid(experiment.train.eval_every),
-        *evaluation_callbacks(experiment.evaluation),
+        *evaluations,
         *extra,
         checkpoints.retention,
         StopOnSignal(),
@@ -304,8 +309,9 @@ def _run_training(spec: RunSpec, *, rank: int, world_size: int, restored, extra_
 
     options = run_tracking()  # on every rank: gin's operative config then lists RunTracking everywhere
     tracked = tracking_callbacks(options) if rank == 0 else []
-    callbacks = standard_callbacks(experiment, tracked) + list(extra_callbacks) + list(experiment.callbacks)
-    data = experiment.data.loader(batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
+    callbacks = [*standard_callbacks(experiment, tracked, world_size), *extra_callbacks, *experiment.callbacks]
+    layout = config.layout(world_size)  # the global batch over the workers: a one-line error if it does not divide
+    data = experiment.data.loader(batch_size=layout.micro_batch, seed=config.seed, rank=rank, world_size=world_size)
     trainer = Trainer(experiment, data, run_dir, callbacks=callbacks, rank=rank, world_size=world_size,
                       wrap_module=wrap_module, progress=spec.progress and rank == 0,
                       device=choose_device(config.device))

@@ -104,5 +104,7 @@ class StopOnSignal:
             from selfflow.platform.train import checkpoint as ckpt
 
             path = ckpt.step_path(trainer.checkpoint_dir, trainer.step)
+            trainer.writer.wait()  # this step's checkpoint may still be on the writer's thread
             written = path if path.is_file() else trainer.save_checkpoint()
+            trainer.writer.wait()
         raise RunInterrupted(signum, step=trainer.step, checkpoint=written)

@@ -30,6 +30,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` (a 0-d bool tensor) OR-ed over the ranks, on the device: a collective with no
+    device-to-host read (NCCL enqueues it on the stream; the caller reads it when it must)."""
+    import torch.distributed as dist
+
+    value = flag.to(torch.float32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value > 0
+
+
 def parameter_fingerprint(module: nn.Module) -> list[float]:
     """Per tensor, a float64 position-weighted sum: equal parameters give equal numbers."""
     values = []

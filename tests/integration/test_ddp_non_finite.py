@@ -1,6 +1,7 @@
 """Data parallelism and non-finite losses: when one rank's loss is NaN, every rank must take the
-same branch (skip or stop). Otherwise the healthy ranks wait forever in backward's gradient
-all-reduce for a rank that returned early. Two gloo processes, no Ray: the vote is torch's."""
+same branch (skip or stop). The decision is made on the device (a vote all-reduced with the step,
+a masked update) and read at the next log step (`check_finite`): every rank runs the same
+collectives either way. Two gloo processes, no Ray: the vote is torch's."""
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ from selfflow.platform.train.trainer import Trainer
 pytestmark = pytest.mark.timeout(300)
 
 PARAMS = [
-    "TrainConfig.batch_size = 8",
+    "TrainConfig.batch_size = 16",  # the global batch: 8 per rank
     "TrainConfig.checkpoint_every = 0",
     "TrainConfig.eval_every = 0",
     "build_experiment.evaluation = None",
@@ -45,19 +46,23 @@ def _worker(rank: int, world_size: int, port: int, config_str: str, out_dir: str
         generator = torch.Generator().manual_seed(rank)
         x = torch.randn(8, 1, 8, 8, generator=generator)
         y = torch.randint(0, 10, (8,), generator=generator)
-        healthy = trainer.train_step({"x": x, "y": y})
+        trainer.train_step({"x": x, "y": y})
+        trainer.step += 1
+        healthy = bool(trainer.last_applied)
         poisoned = x.clone()
         if rank == 1:
             poisoned[0, 0, 0, 0] = float("nan")  # only rank 1 sees a bad batch
         before = [p.detach().clone() for p in trainer.module.parameters()]
         outcome: str
         try:
-            logs = trainer.train_step({"x": poisoned, "y": y})
+            trainer.train_step({"x": poisoned, "y": y})
+            trainer.step += 1
             unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
-            outcome = f"skipped={trainer.skipped} logs={len(logs)} unchanged={unchanged}"
+            trainer.check_finite()  # what the loop does at a log step
+            outcome = f"skipped={trainer.skipped} applied={bool(trainer.last_applied)} unchanged={unchanged}"
         except TrainingError as error:
             outcome = f"stopped: {error}"
-        (Path(out_dir) / f"rank{rank}.txt").write_text(f"healthy={len(healthy) > 0} {outcome}")
+        (Path(out_dir) / f"rank{rank}.txt").write_text(f"healthy={healthy} {outcome}")
     finally:
         dist.destroy_process_group()
 
@@ -73,10 +78,11 @@ def _run_two_ranks(policy: str, tmp_path: Path) -> list[str]:
 
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
     results = _run_two_ranks("skip", tmp_path)
-    assert results == ["healthy=True skipped=1 logs=0 unchanged=True"] * 2, results
+    assert results == ["healthy=True skipped=1 applied=False unchanged=True"] * 2, results
 
 
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     rank0, rank1 = _run_two_ranks("raise", tmp_path)
-    assert rank0.startswith("healthy=True stopped: non-finite loss term on another rank at step "), rank0
+    assert rank0.startswith("healthy=True stopped: non-finite loss term on another rank at step 2; "), rank0
     assert rank1.startswith("healthy=True stopped: non-finite loss term '"), rank1
+    assert " at step 2; " in rank1, rank1

@@ -49,7 +49,9 @@ def reference_state(config_str: str, world_size: int, run_dir: Path) -> dict:
     experiment = rebuild_experiment(config_str)
     cfg = experiment.train
     trainer = Trainer(experiment, iter(()), run_dir, progress=False)
-    loaders = [experiment.data.loader(batch_size=cfg.batch_size, seed=cfg.seed, rank=r, world_size=world_size)
+    # TrainConfig.batch_size is the global batch: each rank reads batch_size / world_size.
+    loaders = [experiment.data.loader(batch_size=cfg.batch_size // world_size, seed=cfg.seed, rank=r,
+                                      world_size=world_size)
                for r in range(world_size)]
     generators = [torch.Generator().manual_seed(cfg.seed * 1000 + r) for r in range(world_size)]
     trainable = [p for p in trainer.module.parameters() if p.requires_grad]

@@ -187,9 +187,10 @@ def test_uneven_shards_still_give_full_batches_and_equal_steps(tmp_path):
 # ---------------------------------------------------------------- resume
 
 
+@pytest.mark.parametrize("shuffle", ["buffer", "blocks"])
 @pytest.mark.parametrize("num_workers,stop_after,resume_for", [(0, 11, 14), (0, 20, 6), (2, 7, 12)])
-def test_resume_continues_exactly_like_an_uninterrupted_run(synthetic, num_workers, stop_after, resume_for):
-    dataset = ShardDataset(synthetic, batch_size=3, seed=9)
+def test_resume_continues_exactly_like_an_uninterrupted_run(synthetic, num_workers, stop_after, resume_for, shuffle):
+    dataset = ShardDataset(synthetic, batch_size=3, seed=9, shuffle=shuffle, block_shards=3)
     uninterrupted = ids(take(make_loader(dataset, num_workers), stop_after + resume_for))
 
     first = make_loader(dataset, num_workers)
@@ -199,7 +200,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synthetic, num_worke
     per_epoch = TOTAL // 3
     assert (state["epoch"], state["batch_in_epoch"]) == divmod(stop_after, per_epoch)
 
-    restored = make_loader(ShardDataset(synthetic, batch_size=3, seed=9), num_workers)
+    restored = make_loader(ShardDataset(synthetic, batch_size=3, seed=9, shuffle=shuffle, block_shards=3), num_workers)
     restored.load_state_dict(state)
     tail = ids(take(restored, resume_for))
     assert head + tail == uninterrupted
@@ -210,6 +211,52 @@ def test_resume_refuses_a_state_from_another_configuration(synthetic):
     state = make_loader(ShardDataset(synthetic, batch_size=3, seed=1), 0).state_dict()
     with pytest.raises(ValueError, match="seed=1"):
         make_loader(ShardDataset(synthetic, batch_size=3, seed=2), 0).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle='buffer' but this loader has shuffle='blocks'"):
+        make_loader(ShardDataset(synthetic, batch_size=3, seed=1, shuffle="blocks"), 0).load_state_dict(state)
+
+
+def test_block_shuffle_mixes_each_block_of_shards_and_covers_the_epoch(synthetic):
+    dataset = ShardDataset(synthetic, batch_size=3, seed=3, shuffle="blocks", block_shards=4)
+    epoch = ids(take(make_loader(dataset, 0), TOTAL // 3))
+    assert sorted(epoch) == list(range(TOTAL))  # every sample once
+    # The first 4 x 6 samples are exactly the first block's shards, in a mixed order.
+    first_block = {i for shard in dataset.slot_blocks(0, 0, 1)[0][0] for i in
+                   range(int(shard.stem.split("-")[1]) * PER_SHARD, (int(shard.stem.split("-")[1]) + 1) * PER_SHARD)}
+    assert set(epoch[:4 * PER_SHARD]) == first_block and epoch[:PER_SHARD] != sorted(epoch[:PER_SHARD])
+
+
+class CountingReader:
+    """Wraps a dataset's shard reader and counts the samples it decodes."""
+
+    def __init__(self, reader):
+        self.reader, self.decoded = reader, 0
+
+    def samples(self, shard_paths):
+        for sample in self.reader.samples(shard_paths):
+            self.decoded += 1
+            yield sample
+
+
+def test_block_resume_reads_one_block_whatever_the_position(tmp_path, monkeypatch):
+    from selfflow.platform.data import loader as shard_loader
+
+    monkeypatch.setattr(shard_loader, "DECODED_CACHE_BYTES", 0)  # stream, as a large set does
+    many = write_synthetic(tmp_path / "many", count=64 * 8, per_shard=8)  # 64 shards
+    cost = {}
+    for shuffle in ("buffer", "blocks"):
+        for position in (2, 40, 150):  # batches of 3 into an epoch of 170
+            dataset = ShardDataset(many, batch_size=3, seed=1, shuffle=shuffle, block_shards=4, shuffle_buffer=16)
+            reference = make_loader(dataset, 0)
+            take(reference, position)
+            state, expected = reference.state_dict(), ids(take(reference, 2))
+            resumed = make_loader(ShardDataset(many, batch_size=3, seed=1, shuffle=shuffle, block_shards=4,
+                                               shuffle_buffer=16), 0)
+            resumed.load_state_dict(state)
+            counter = resumed.dataset._reader = CountingReader(resumed.dataset._reader)
+            assert ids(take(resumed, 2)) == expected  # exact
+            cost[shuffle, position] = counter.decoded
+    assert cost["blocks", 2] == cost["blocks", 40] == cost["blocks", 150] == 4 * 8  # one block of 4 shards
+    assert cost["buffer", 2] < cost["buffer", 40] < cost["buffer", 150]  # replays the epoch up to the position
 
 
 # ---------------------------------------------------------------- safety and validation

@@ -26,7 +26,9 @@ WRITE_PAUSE_ENV = "SELFFLOW_TEST_CHECKPOINT_WRITE_PAUSE"
 class InjectedCrash:
     """Kill this worker once at `at_step` (0: never). `marker` (a file, default
     `<run_dir>/injected_crash.done`) records that it happened, so the restarted run goes on.
-    `hard`: os._exit (a dying process) instead of raising. `rank`: which rank dies."""
+    `hard`: os._exit (a dying process) instead of raising. `rank`: which rank dies. A checkpoint being
+    written on the trainer's background thread is completed first: the crash comes after this
+    step's checkpoint (tests/reliability/test_chaos.py kills processes inside a write)."""
 
     def __init__(self, at_step: int = 0, hard: bool = True, rank: int = 0, marker: str = ""):
         self.at_step, self.hard, self.rank, self.marker = at_step, hard, rank, marker
@@ -39,6 +41,9 @@ class InjectedCrash:
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"{Path(trainer.run_dir).resolve()}\n")  # who crashed
+        writer = getattr(trainer, "writer", None)
+        if writer is not None:
+            writer.wait()
         if self.hard:
             os._exit(17)
         raise RuntimeError(f"injected crash at step {trainer.step}")
