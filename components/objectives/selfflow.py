@@ -1,11 +1,11 @@
 """Self-Flow: Dual-Timestep Scheduling + alignment to an EMA teacher (and SRA as its special case).
 
-One call (METHOD.md):
+One call (docs/method.md):
   draws from the scheduler: per-token student levels tau_i, the teacher level;
   eps drawn once; label dropout decided once (student and teacher see the same labels);
   teacher (EMA backbone, no grad) sees ALL tokens at the teacher level with the same x0 and eps,
     and starts FIRST, only up to block k when early_exit (its output is only a target; running it
-    before the student's graph exists is about twice as fast here, see DESIGN.md); on a CPU with
+    before the student's graph exists is faster, see docs/performance.md); on a CPU with
     spare intra-op threads it runs on a second thread while the student's forward runs
     (teacher_thread.py);
   student sees x_tau token-wise and returns block l;

@@ -1,6 +1,6 @@
 """Dual-Timestep Scheduling: per-token student levels and the teacher's level.
 
-Self-Flow (METHOD.md), for each sample with N tokens:
+Self-Flow (docs/method.md), for each sample with N tokens:
   t ~ p(t) and s ~ p(t) independently from the SAME distribution, never sorted;
   mask M_i ~ Bernoulli(R_M) per token, R_M in [0, 0.5];
   student level tau_i = s if M_i else t   (each token's marginal is exactly p(t));
