@@ -39,18 +39,24 @@ for line in sys.stdin:
 """
 
 
+def child_environment(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with `env` on top; a None value removes the variable."""
+    child_env = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            child_env.pop(name, None)
+        else:
+            child_env[name] = value
+    return child_env
+
+
 class StepWorker:
     """A child process holding one config's Trainer; calling it runs one training step there."""
 
     def __init__(self, config: BenchConfig, env: Mapping[str, str | None] | None = None, threads: int = 1,
                  scratch: str = "runs/.cache/bench/scratch"):
         """env: variables to set in the child on top of this process's; None removes one."""
-        child_env = dict(os.environ)
-        for name, value in (env or {}).items():
-            if value is None:
-                child_env.pop(name, None)
-            else:
-                child_env[name] = value
+        child_env = child_environment(env)
         self.process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, json.dumps(asdict(config)), str(threads), str(scratch)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
@@ -132,12 +138,7 @@ class RoundWorker:
 
     def __init__(self, configs: list[BenchConfig], env: Mapping[str, str | None] | None = None, threads: int = 1,
                  scratch: str = "runs/.cache/bench/scratch"):
-        child_env = dict(os.environ)
-        for name, value in (env or {}).items():
-            if value is None:
-                child_env.pop(name, None)
-            else:
-                child_env[name] = value
+        child_env = child_environment(env)
         self.process = subprocess.Popen(
             [sys.executable, "-c", _ROUND_CHILD, json.dumps([asdict(c) for c in configs]), str(threads), str(scratch)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,

@@ -16,11 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from selfflow_testing.servers import free_port, wait_until_healthy
 
 CHROMIUM = Path(os.environ.get("SELFFLOW_CHROMIUM", "/usr/bin/chromium"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,14 +60,6 @@ Sweep.metric = 'loss/flow'
 """ % json.dumps(["TrainConfig.steps = 20", "TrainConfig.eval_every = 10", "EvalSuite.every = 10", *TINY_EVAL])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def store(digits_root, ray_local):
     """runs/ui-check/store: the run and the sweep, made afresh."""
@@ -93,24 +84,13 @@ def store(digits_root, ray_local):
 @pytest.fixture(scope="module")
 def ui(store):
     """`selfflow ui` on the store; stopped (and checked to stop) at the end."""
-    port = _free_port()
+    port = free_port()
     log = open(OUT / "ui.log", "w")
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}  # serve this store
     process = subprocess.Popen([str(Path(sys.executable).with_name("selfflow")), "ui", "--runs", str(store["runs"]),
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"selfflow ui did not start: {(OUT / 'ui.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(base, process, 180, OUT / "ui.log", "selfflow ui")
     yield base
     process.terminate()
     assert process.wait(timeout=60) == 0

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from selfflow_testing.servers import free_port, wait_until_healthy
 
 from selfflow.platform.config.bootstrap import EXPERIMENTS_DIR
 from selfflow.platform.errors import ConfigError, UserError
@@ -122,17 +120,12 @@ def test_summary_names_trials_that_failed_for_good(tmp_path):
 # ---- a real sweep on Ray Tune and a real MLflow server --------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite backend and a served artifact store."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -141,18 +134,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
+    wait_until_healthy(uri, process, 240, root / "server.log", "mlflow server", poll_s=1)
     yield uri
     os.killpg(process.pid, signal.SIGTERM)  # the server and its worker, by the server's pid (its group)
     try:
