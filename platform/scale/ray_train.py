@@ -42,7 +42,8 @@ from selfflow.platform.tracking.provenance import unique_run_name
 from selfflow.platform.train import checkpoint as ckpt
 from selfflow.platform.train import run_folder
 from selfflow.platform.train.driver import PreparedRun, RunResult, RunSpec, launch_tags, prepare, run_training
-from selfflow.platform.train.interrupts import RunInterrupted
+from selfflow.platform.train.interrupts import (RunInterrupted, acknowledge_stop, clear_stop_request, request_stop,
+                                                requested_stop, stopped_at_step)
 from selfflow.platform.train.parallel import ddp_wrapper
 
 ReportFn = Callable[[dict[str, float], "Path | None"], None]
@@ -187,6 +188,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         train_in_ray(spec, ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint(),
                      rank=context.get_world_rank(), world_size=context.get_world_size(), choose_device=choose_device)
+    except RunInterrupted as stopped:
+        # The launcher's stop request, met by every rank at the same step: end normally (an error
+        # would make Ray restart the group), tell the launcher where, and hand Ray the checkpoint.
+        if context.get_world_rank() == 0:
+            acknowledge_stop(Path(spec.run_dir), stopped.step or 0)
+        report = report_with_checkpoint(ray.train.report, ray.train.Checkpoint)
+        report({"step": float(stopped.step or 0)}, stopped.checkpoint)  # a collective: every rank reports
     except Exception as error:
         raise plain_error(error) from None
 
@@ -303,17 +311,23 @@ def _launch(prepared: PreparedRun, scaling: Scaling, gin_files: Sequence[str], g
     spec = RunSpec(config_str=config_str, run_dir=str(run_dir), cwd=os.getcwd(), tracking_uri=uri,
                    experiment_name=experiment_name or "selfflow", mlflow_run_id=run_id, tags=tags,
                    threads=max(1, int(scaling.cpus_per_worker)), progress=progress,
-                   resume_changes=prepared.resume_changes)
+                   resume_changes=prepared.resume_changes, stop_requests=True)
     trainer = make_torch_trainer(spec, scaling, run_dir / "ray", name=f"train-{run_dir.name}", timeout_s=timeout_s)
     started = time.perf_counter()
+    clear_stop_request(run_dir)  # one left by a launcher killed before its workers stopped
     try:
-        result = fit_interruptibly(trainer)
+        result = fit_interruptibly(trainer, on_first_signal=lambda signum: ask_workers_to_stop(run_dir, signum))
+        stopped = stopped_by_request(run_dir)
+        if stopped is not None:
+            raise stopped
     except KeyboardInterrupt as interrupt:  # SIGINT / SIGTERM on the launcher
         raise stop_workers(interrupt, run_dir, run_id, uri, launcher_tracker) from None
     except Exception as error:
         if launcher_tracker is not None:
             launcher_tracker.client.set_terminated(run_id, status="FAILED")
         raise TrainingError(f"distributed training failed: {plain_error(_root_cause(error))}") from None
+    finally:
+        clear_stop_request(run_dir)
     metrics = dict(result.metrics or {})
     metrics["train/wall_s"] = time.perf_counter() - started
     return RunResult(run_dir=run_dir, mlflow_run_id=run_id, final_metrics=metrics,
@@ -329,31 +343,64 @@ def check_worker_count(state: dict[str, Any], source: Any, workers: int) -> None
                         f"resume with --workers {saved}")
 
 
-def fit_interruptibly(trainer):
+def fit_interruptibly(trainer, on_first_signal: Callable[[int], None] | None = None):
     """trainer.fit() in a helper thread while the main thread waits, so SIGINT and SIGTERM reach this
     process's handlers (Ray replaces SIGINT's handler with its own, exiting 0, when fit runs in the
-    main thread)."""
+    main thread). With `on_first_signal`, the first signal calls it with the signal's number and the
+    wait goes on (the workers stop themselves); a second signal, or any without it, is raised."""
     outcome: dict[str, Any] = {}
+    # An Event, not Thread.join: a join interrupted by a signal can mark the thread stopped while it
+    # still runs (CPython before 3.13), and the wait would end without an outcome.
+    done = threading.Event()
 
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as error:  # handed to the main thread
             outcome["error"] = error
+        finally:
+            done.set()
 
     thread = threading.Thread(target=fit, name="selfflow-ray-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
+    signalled = False
+    while not done.is_set():
+        try:
+            done.wait(0.2)
+        except KeyboardInterrupt as interrupt:
+            if signalled or on_first_signal is None:
+                raise
+            signalled = True
+            on_first_signal(getattr(interrupt, "signum", signal.SIGINT))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
+def ask_workers_to_stop(run_dir: Path, signum: int) -> None:
+    """The first SIGINT/SIGTERM on a `--workers` launcher: a stop request in the run folder (the
+    workers read it on log steps, checkpoint and stop together)."""
+    request_stop(run_dir, signum)
+    print(f"selfflow: {signal.Signals(signum).name}: the workers write a checkpoint and stop at their next log "
+          f"step (signal again to stop at once)", file=sys.stderr, flush=True)
+
+
+def stopped_by_request(run_dir: Path) -> RunInterrupted | None:
+    """The RunInterrupted for a fit that ended on the launcher's stop request (rank 0 wrote the step
+    into it), None for one that ran to its last step."""
+    step = stopped_at_step(run_dir)
+    if step is None:
+        return None
+    path = ckpt.step_path(run_dir / "checkpoints", step)
+    return RunInterrupted(requested_stop(run_dir) or signal.SIGINT, step=step,
+                          checkpoint=path if path.is_file() else None)
+
+
 def stop_workers(interrupt: KeyboardInterrupt, run_dir: Path, run_id: str | None, uri: str | None,
                  launcher_tracker) -> RunInterrupted:
-    """A signal reached the launcher: stop Ray's workers (they keep their last periodic checkpoint),
-    mark the MLflow run KILLED, and return the RunInterrupted the CLI reports."""
+    """The run ends on a signal: stop Ray's workers (stopped on request, they wrote a checkpoint at
+    their stop step; stopped by a second signal, they keep their last periodic one), mark the MLflow
+    run KILLED, and return the RunInterrupted the CLI reports."""
     import ray
 
     from selfflow.platform.scale import ray_cluster
@@ -362,7 +409,7 @@ def stop_workers(interrupt: KeyboardInterrupt, run_dir: Path, run_id: str | None
     if ray.is_initialized():
         ray.shutdown()  # a shared cluster: disconnecting ends this job's actors
     stopped = interrupt if isinstance(interrupt, RunInterrupted) else RunInterrupted(signal.SIGINT)
-    stopped.newest_checkpoint = ckpt.latest(run_dir / "checkpoints")
+    stopped.newest_checkpoint = stopped.checkpoint or ckpt.latest(run_dir / "checkpoints")
     if launcher_tracker is not None and run_id:
         try:
             launcher_tracker.client.set_terminated(run_id, status="KILLED")

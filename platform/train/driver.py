@@ -48,7 +48,9 @@ class RunSpec:
     on top in the training process (a sweep trial's sampled values). mlflow_run_id: the run the
     launcher opened (None: `run_training` opens one when tracking_uri is set). tags: the run's MLflow
     tags from the launcher (its provenance: platform/tracking/provenance.py). threads: torch
-    intra-op threads when TrainConfig.num_threads is 0 (0: torch's default).
+    intra-op threads when TrainConfig.num_threads is 0 (0: torch's default). stop_requests: the
+    workers of a `--workers` run, whose launcher takes SIGINT/SIGTERM, read its stop request from the
+    run folder (platform/train/interrupts.py).
     """
 
     config_str: str
@@ -63,6 +65,7 @@ class RunSpec:
     threads: int = 0
     progress: bool = False
     resume_changes: str = ""  # what this resume changed in the run's config (run_folder.RESUMABLE)
+    stop_requests: bool = False
 
 
 @dataclass
@@ -86,13 +89,15 @@ def experiment_name_in_config() -> str:
         return "experiment"
 
 
-def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = (), world_size: int = 1) -> list:
+def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = (), world_size: int = 1,
+                       stop_requests: Path | None = None) -> list:
     """The callbacks every training run uses, in order: the replica check, then the checkpoint
     (the trained state is on disk before anything optional runs), then the optional ones (operative
     config, sample grid, evaluation, `extra` such as system metrics), then checkpoint retention (it
     may rank by a metric evaluation just logged). Callbacks added after these (reports to Ray) may
     rely on this step's checkpoint. StopOnSignal comes first and last: a SIGINT/SIGTERM ends the run
-    at the end of its step. TrainConfig.eval_mode 'background' (or 'auto' with more than one worker)
+    at the end of its step (with `stop_requests`, a run folder: the last one reads the launcher's
+    stop request there, on log steps). TrainConfig.eval_mode 'background' (or 'auto' with more than one worker)
     moves the sample grid and evaluation to a separate process."""
     config = experiment.train
     checkpoints = CheckpointEvery(config.checkpoint_every, defer_retention=True)
@@ -107,7 +112,7 @@ def standard_callbacks(experiment: Experiment, extra: Sequence[Any] = (), world_
         *evaluations,
         *extra,
         checkpoints.retention,
-        StopOnSignal(),
+        StopOnSignal(stop_requests),
     ]
 
 
@@ -309,7 +314,9 @@ def _run_training(spec: RunSpec, *, rank: int, world_size: int, restored, extra_
 
     options = run_tracking()  # on every rank: gin's operative config then lists RunTracking everywhere
     tracked = tracking_callbacks(options) if rank == 0 else []
-    callbacks = [*standard_callbacks(experiment, tracked, world_size), *extra_callbacks, *experiment.callbacks]
+    stop_requests = run_dir if spec.stop_requests else None
+    callbacks = [*standard_callbacks(experiment, tracked, world_size, stop_requests), *extra_callbacks,
+                 *experiment.callbacks]
     layout = config.layout(world_size)  # the global batch over the workers: a one-line error if it does not divide
     data = experiment.data.loader(batch_size=layout.micro_batch, seed=config.seed, rank=rank, world_size=world_size)
     trainer = Trainer(experiment, data, run_dir, callbacks=callbacks, rank=rank, world_size=world_size,

@@ -8,17 +8,22 @@ RunInterrupted at once. The driver then marks the MLflow run KILLED and the CLI 
 and exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
 
 Signal handlers exist only in a process's main thread: in Ray workers and Tune trials (threads of
-actors Ray owns) nothing here is installed and Ray's own handling applies.
+actors Ray owns) nothing here is installed. A `--workers` run's launcher takes the signal instead and
+writes a stop request into the run folder (`request_stop`); its workers' StopOnSignal reads it on log
+steps, the ranks agree on the step in one collective, and they checkpoint and stop there together.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_REQUEST = "stop-request.json"  # in the run folder: the launcher's signal, for its Ray workers
 _pending: list[int] = []  # signals received while the loop defers them
 _deferring = False
 
@@ -90,21 +95,96 @@ def pending_signal() -> int | None:
     return _pending[0] if _pending else None
 
 
+def request_stop(run_dir: Path, signum: int) -> None:
+    """Ask the workers training into `run_dir` to checkpoint and stop at their next log step."""
+    _write_request(run_dir, {"signal": signal.Signals(signum).name})
+
+
+def _write_request(run_dir: Path, request: dict) -> None:
+    path = Path(run_dir) / STOP_REQUEST
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(request) + "\n")
+    os.replace(partial, path)  # a reader never sees half a request
+
+
+def _read_request(run_dir: Path) -> dict | None:
+    try:
+        request = json.loads((Path(run_dir) / STOP_REQUEST).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # unreadable: still a request to stop
+        return {}
+    return request if isinstance(request, dict) else {}
+
+
+def requested_stop(run_dir: Path) -> int | None:
+    """The signal number of the stop request in `run_dir`, or None."""
+    request = _read_request(run_dir)
+    if request is None:
+        return None
+    try:
+        return int(signal.Signals[request["signal"]])
+    except (KeyError, TypeError):
+        return int(signal.SIGTERM)
+
+
+def acknowledge_stop(run_dir: Path, step: int) -> None:
+    """Rank 0 of the workers: the run stopped on the request at `step` (the launcher reads it)."""
+    request = _read_request(run_dir) or {}
+    _write_request(run_dir, {**request, "stopped_at_step": int(step)})
+
+
+def stopped_at_step(run_dir: Path) -> int | None:
+    """The step the workers stopped at on the request, or None (they ran to the end)."""
+    value = (_read_request(run_dir) or {}).get("stopped_at_step")
+    return value if isinstance(value, int) else None
+
+
+def clear_stop_request(run_dir: Path) -> None:
+    """Remove a stop request (a launcher killed before its workers stopped may have left one)."""
+    (Path(run_dir) / STOP_REQUEST).unlink(missing_ok=True)
+
+
 class StopOnSignal:
     """A trainer callback: after a deferred signal, write a checkpoint at this step if the run
     writes checkpoints, then raise RunInterrupted. Listed first and last among the callbacks, so
-    a signal that arrives during an evaluation stops the run at the end of that same step."""
+    a signal that arrives during an evaluation stops the run at the end of that same step.
+
+    With `run_dir` (Ray workers, whose launcher holds the signal): the stop request in that folder,
+    read by rank 0 on log steps and shared with every rank in one collective there, so that all
+    ranks stop at the same step (a step's host reads happen on log steps only)."""
+
+    def __init__(self, run_dir: Path | None = None):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
 
     def on_step_end(self, trainer, logs) -> None:
-        signum = pending_signal()
+        signum = self._requested(trainer)
         if signum is None:
             return
+        config = trainer.config
         written = None
-        if trainer.config.checkpoint_every:
+        if config.checkpoint_every:
             from selfflow.platform.train import checkpoint as ckpt
 
+            # Decided the same way on every rank (writing is a collective): CheckpointEvery's rule.
+            due = trainer.step == config.steps or trainer.step % config.checkpoint_every == 0
             path = ckpt.step_path(trainer.checkpoint_dir, trainer.step)
             trainer.writer.wait()  # this step's checkpoint may still be on the writer's thread
-            written = path if path.is_file() else trainer.save_checkpoint()
+            written = path if due else trainer.save_checkpoint()
             trainer.writer.wait()
+            if trainer.rank != 0:
+                written = None
         raise RunInterrupted(signum, step=trainer.step, checkpoint=written)
+
+    def _requested(self, trainer) -> int | None:
+        if self.run_dir is None:
+            return pending_signal()
+        config = trainer.config
+        if trainer.step % config.log_every != 0 or trainer.step == config.steps:
+            return None
+        signum = (requested_stop(self.run_dir) or 0) if trainer.rank == 0 else 0
+        if trainer.world_size > 1:
+            from selfflow.platform.train import parallel
+
+            signum = int(parallel.rank_max(float(signum), trainer.device))
+        return signum or None

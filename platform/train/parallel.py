@@ -21,13 +21,13 @@ def all_gather_objects(value: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on any rank (a collective)."""
+def rank_max(value: float, device: torch.device) -> float:
+    """The largest of the ranks' `value`s (a collective with one host read)."""
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0], device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    reduced = torch.tensor([float(value)], device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return float(reduced.item())
 
 
 def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:

@@ -596,7 +596,6 @@ class Trainer:
         path = ckpt.step_path(self.checkpoint_dir, self.step)
         self.writer.submit(self.state_dict(), path)
         return path
-        return path
 
     def _best_metric_value(self) -> float | None:
         metric = self.config.keep_best_metric

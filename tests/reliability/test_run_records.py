@@ -264,23 +264,41 @@ def test_one_run_per_folder_and_signals_stop_cleanly(in_tmp):
 
 
 @pytest.mark.slow
-def test_sigint_on_a_workers_run_marks_it_killed(in_tmp, ray_local):
+def test_sigint_on_a_workers_run_checkpoints_both_ranks_at_one_step(in_tmp, ray_local):
+    """The launcher takes the signal and asks its 2 workers to stop: they agree on a step, write a
+    checkpoint there (not a periodic one: checkpoint_every is far off), the run is marked KILLED,
+    and --resume continues from that checkpoint to the end."""
     from mlflow.tracking import MlflowClient
 
-    gin = write_tiny_gin(in_tmp, "tiny", steps=100000, log_every=1, checkpoint_every=2)
+    gin = write_tiny_gin(in_tmp, "tiny", steps=100000, log_every=1, checkpoint_every=5000)
     uri = f"sqlite:///{in_tmp / 'runs' / 'mlflow.db'}"
     run = in_tmp / "run"
     env = cli_env(uri, RAY_ADDRESS=ray_local["cluster"].address)
-    process = _start(gin, run, in_tmp, env, "--workers", "1")
+    process = _start(gin, run, in_tmp, env, "--workers", "2")
     _wait_past(process, run, 3)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=180)
     assert process.returncode == 130, err[-2000:]
-    line = [text for text in err.splitlines() if text.startswith("selfflow:")][-1]  # Ray's workers log too
-    run_id = ckpt.load(ckpt.latest(run / "checkpoints"))["mlflow_run_id"]
-    assert line.startswith("selfflow: interrupted by SIGINT: newest checkpoint: ")
-    assert f"MLflow run {run_id} marked KILLED" in line
-    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
+    said = [text for text in err.splitlines() if text.startswith("selfflow:")]  # Ray's workers log too
+    assert said[0] == ("selfflow: SIGINT: the workers write a checkpoint and stop at their next log step "
+                       "(signal again to stop at once)")
+    line = said[-1]
+    assert line.startswith("selfflow: interrupted by SIGINT at step "), line
+    stopped_at = int(line.split("at step ")[1].split(":")[0])
+    written = ckpt.step_path(run / "checkpoints", stopped_at)
+    state = ckpt.load(written)
+    assert state["step"] == stopped_at and len(state["rank_generators"]) == 2
+    run_id = state["mlflow_run_id"]
+    assert f"checkpoint written: {written}; MLflow run {run_id} marked KILLED; continue with --resume" in line
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not (run / "stop-request.json").exists()
+
+    resumed = run_cli(["train", "--gin_file", str(gin), "--run-dir", str(run), "--quiet", "--resume", "--workers", "2",
+                       "--gin_param", f"TrainConfig.steps={stopped_at + 3}"], in_tmp, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ckpt.load(ckpt.latest(run / "checkpoints"))["step"] == stopped_at + 3
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 # ---- 9. the run folder fails to be written: one line ----------------------------------------------
