@@ -409,16 +409,25 @@ class SweepResult:
         return [t for t in self.trials if t.status == "failed"]
 
 
-def validate(spec: SweepSpec, base_config: str) -> int:
-    """Parse every representative trial config on the driver (errors before any trial starts).
-    Returns TrainConfig.steps of the first one (ASHA's max_t)."""
+@dataclass(frozen=True)
+class Checked:
+    """What validate() learnt from the trial configs: TrainConfig.steps of the first (ASHA's max_t)
+    and the host preset every trial names ('stock' when they differ)."""
+
+    steps: int
+    host: str
+
+
+def validate(spec: SweepSpec, base_config: str) -> Checked:
+    """Parse every representative trial config on the driver (errors before any trial starts)."""
     steps = None
+    hosts = set()
     for point in representative_points(spec):
         overrides = trial_bindings(spec, point)
         try:
             gin_config.parse_config_string(base_config, overrides)
             gin_config.check_types([], overrides)  # a value of the wrong type, before any trial starts
-            train_config_from_gin()  # and TrainConfig's own checks (ranges, betas, ...)
+            hosts.add(train_config_from_gin().host)  # and TrainConfig's own checks (ranges, betas, ...)
         except ConfigError as error:
             reason = re.sub(r"^--gin_param \d+: ", "", error.one_line())  # the bindings are listed already
             raise ConfigError(f"sweep {spec.name}, trial bindings {overrides}: {reason}") from None
@@ -428,7 +437,7 @@ def validate(spec: SweepSpec, base_config: str) -> int:
             except ValueError:
                 steps = 1000
     gin.clear_config()
-    return steps or 1000
+    return Checked(steps=steps or 1000, host=hosts.pop() if len(hosts) == 1 else "stock")
 
 
 def concurrency(spec: SweepSpec, cpus: float, gpus: float) -> int:
@@ -515,7 +524,8 @@ def run_sweep(
     else:
         spec_text = f"# sweep {spec.name}: the spec is spec.json, its trials points.json\n"
     base_config = gin_config.parse(spec.base_files, []) if spec.base_files else ""
-    steps = validate(spec, base_config)
+    checked = validate(spec, base_config)
+    steps = checked.steps
     sweep_dir = Path(sweep_dir or Path(runs_dir) / "sweeps" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep_dir / "sweep.gin", spec_text)
@@ -542,7 +552,10 @@ def run_sweep(
         parent.log_artifact(sweep_dir / "sweep.gin", "sweep")
         parent.log_artifact(sweep_dir / "spec.json", "sweep")
 
-    cluster = ray_cluster.connect(worker_env=worker_environment(host.inherited_preset()))
+    # Trial processes start with the environment of the host preset the trials name (OpenMP's wait
+    # policy must be set before torch loads), unless --host-tuning chose one for the whole command.
+    preset = host.inherited_preset() if host.PRESET_ENV in os.environ else checked.host
+    cluster = ray_cluster.connect(worker_env=worker_environment(preset))
     limit = concurrency(spec, cluster.num_cpus, cluster.num_gpus)
     print(f"selfflow sweep: {spec.name}: {spec.search} search, {spec.scheduler} scheduler, up to {limit} trials "
           f"at once on {cluster.num_cpus:g} CPUs; folder {sweep_dir}", flush=True)

@@ -63,7 +63,19 @@ def test_shipped_sweeps_parse_and_every_trial_config_builds(path):
     loaded, text = load_spec(path)
     assert text == path.read_text()
     base = config.parse(loaded.base_files, []) if loaded.base_files else ""
-    assert validate(loaded, base) > 0
+    assert validate(loaded, base).steps > 0
+
+
+def test_trials_start_under_the_host_preset_they_name():
+    """The preset the trial configs share sets the trial processes' environment (before torch loads
+    there); trials that disagree get the stock environment."""
+    from selfflow.platform.config import bootstrap as config
+
+    base = config.parse(["digits/fm.gin"], [])
+    assert validate(spec(bindings=["TrainConfig.steps = 3", "TrainConfig.host = 'cpu_shared'"]), base).host == "cpu_shared"
+    assert validate(spec(bindings=["TrainConfig.steps = 3", "TrainConfig.host = 'stock'"]), base).host == "stock"
+    mixed = spec(space={"TrainConfig.host": ("grid", ["stock", "cpu_shared"])}, seeds=[0])
+    assert validate(mixed, base).host == "stock"
 
 
 def test_trial_bindings_order_and_literals():
