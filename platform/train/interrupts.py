@@ -166,11 +166,10 @@ class StopOnSignal:
         if config.checkpoint_every:
             from selfflow.platform.train import checkpoint as ckpt
 
-            # Decided the same way on every rank (writing is a collective): CheckpointEvery's rule.
-            due = trainer.step == config.steps or trainer.step % config.checkpoint_every == 0
+            # Every rank knows whether this step was written (writing is a collective).
             path = ckpt.step_path(trainer.checkpoint_dir, trainer.step)
             trainer.writer.wait()  # this step's checkpoint may still be on the writer's thread
-            written = path if due else trainer.save_checkpoint()
+            written = path if trainer.checkpointed_step == trainer.step else trainer.save_checkpoint()
             trainer.writer.wait()
             if trainer.rank != 0:
                 written = None

@@ -291,6 +291,7 @@ class Trainer:
             self.checkpoint_dir, self.config.keep_checkpoints, self.config.keep_best_metric, self.config.keep_best_mode
         )
         self.writer = ckpt.CheckpointWriter(background=self.config.checkpoint_mode == "background")
+        self.checkpointed_step: int | None = None  # the step of the newest write_checkpoint (every rank)
         self._warned_best_metric = False
         self._gathered_generators: list[torch.Tensor] | None = None
 
@@ -588,6 +589,7 @@ class Trainer:
         Returns the path being written (`writer.wait()` waits for it). A collective under data
         parallelism (every rank calls it)."""
         self.check_finite()  # never a checkpoint with a bad step in it
+        self.checkpointed_step = self.step
         if self.world_size > 1:
             everyone = parallel.all_gather_objects([g.get_state() for g in self.generators], self.world_size)
             self._gathered_generators = [state for rank_states in everyone for state in rank_states]

@@ -32,7 +32,8 @@ def test_an_unreadable_request_still_stops(tmp_path):
 
 def _trainer(step: int, tmp_path):
     config = SimpleNamespace(log_every=5, steps=100, checkpoint_every=0)
-    return SimpleNamespace(step=step, config=config, rank=0, world_size=1, checkpoint_dir=tmp_path / "checkpoints")
+    return SimpleNamespace(step=step, config=config, rank=0, world_size=1, checkpoint_dir=tmp_path / "checkpoints",
+                           checkpointed_step=None)
 
 
 def test_workers_act_on_a_request_at_log_steps_only(tmp_path):
