@@ -42,10 +42,10 @@ demo: install
 
 # The browser check (tests marked `browser`) has its own target, `make ui-check`.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not browser" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not browser" tests bench/tests
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests bench/tests
 
 bench: install
 	$(PY) -m bench --out BENCHMARKS.md

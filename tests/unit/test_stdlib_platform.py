@@ -1,8 +1,9 @@
 """The repo's platform/ folder must never shadow the standard library's `platform`."""
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]  # not from conftest: bench/tests has one of that name too
 
 
 def test_stdlib_platform_in_process():
