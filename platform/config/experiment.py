@@ -31,6 +31,7 @@ from selfflow.platform.host import PRESETS as HOST_PRESETS
 LR_DECAYS = ("constant", "cosine", "linear")
 EVAL_MODES = ("auto", "inline", "background")
 CHECKPOINT_MODES = ("background", "blocking")
+CHECKPOINT_HOST_BUFFERS = ("reuse", "fresh")
 COMPILE_MODES = ("none", "backbone", "step")
 
 
@@ -63,6 +64,9 @@ class TrainConfig:
     host: str = "stock"  # 'stock' or 'cpu_shared' (platform/host.py; the preset train/cpu_shared.gin)
     eval_mode: str = "auto"  # 'inline', 'background' (a separate process from a snapshot) or 'auto' (background with > 1 worker)
     checkpoint_mode: str = "background"  # 'background' (write + verify on a thread) or 'blocking'
+    # 'reuse': background saves copy into host buffers kept between saves (one more copy of the state
+    # resident in host memory); 'fresh': allocate them on every save
+    checkpoint_host_buffers: str = "reuse"
     process_group_timeout_s: float = 1800.0  # how long a collective waits for a slow rank (Ray's TorchConfig.timeout_s)
     compile: str = "none"  # torch.compile: 'none', 'backbone' (student, EMA teacher, sampling), 'step' (+ the objective)
 
@@ -99,6 +103,7 @@ class TrainConfig:
         if self.host not in HOST_PRESETS:
             raise ConfigError(f"TrainConfig.host must be one of {', '.join(HOST_PRESETS)}, got {self.host!r}")
         for name, allowed in (("eval_mode", EVAL_MODES), ("checkpoint_mode", CHECKPOINT_MODES),
+                              ("checkpoint_host_buffers", CHECKPOINT_HOST_BUFFERS),
                               ("compile", COMPILE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

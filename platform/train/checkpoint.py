@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -161,13 +161,48 @@ class Retention:
 def host_copy(value: Any) -> Any:
     """A copy of a (nested) state whose tensors live in host memory and share nothing with the
     live ones: what a background writer may serialise while training changes the originals."""
+    return restructure(value, (tensor.detach().to("cpu", copy=True) for tensor in tensors_in(value)))
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) state in the order `host_copy` and `restructure` visit them."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return [value]
     if isinstance(value, dict):
-        return {key: host_copy(item) for key, item in value.items()}
+        return [tensor for item in value.values() for tensor in tensors_in(item)]
     if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(item) for item in value)
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return []
+
+
+def restructure(value: Any, replacements: Iterator[torch.Tensor]) -> Any:
+    """`value` with its tensors replaced, in `tensors_in` order, by the next ones of `replacements`."""
+    if isinstance(value, torch.Tensor):
+        return next(replacements)
+    if isinstance(value, dict):
+        return {key: restructure(item, replacements) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(restructure(item, replacements) for item in value)
     return value
+
+
+class StagingBuffers:
+    """Host tensors kept between saves that a state is copied into: what `host_copy` gives, without
+    allocating (and first touching) fresh memory on every save. The copy is one foreach call. The
+    buffers are reallocated when the state's tensor shapes or dtypes change. The caller must not
+    copy again while a writer still reads the previous copy (CheckpointWriter waits first)."""
+
+    def __init__(self):
+        self._buffers: list[torch.Tensor] = []
+
+    def copy(self, state: dict[str, Any]) -> dict[str, Any]:
+        sources = [tensor.detach() for tensor in tensors_in(state)]
+        layout = [(tensor.shape, tensor.dtype) for tensor in sources]
+        if layout != [(buffer.shape, buffer.dtype) for buffer in self._buffers]:
+            self._buffers = [torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu") for tensor in sources]
+        if sources:
+            torch._foreach_copy_(self._buffers, sources)
+        return restructure(state, iter(self._buffers))
 
 
 def write_verified(state: dict[str, Any], path: Path) -> Path:
@@ -184,7 +219,8 @@ def write_verified(state: dict[str, Any], path: Path) -> Path:
 class CheckpointWriter:
     """Writes checkpoints with the guarantees of `write_verified` (temp file + fsync + rename, every
     CRC read back) either in the caller (blocking) or on a background thread, so the training loop
-    waits only while the state is copied to host memory.
+    waits only while the state is copied to host memory: into buffers kept between saves
+    (`keep_buffers`, one more copy of the state resident in host memory) or freshly allocated ones.
 
     At most one write is in flight: the next `submit` (and `wait`) waits for it. A failed
     background write raises its TrainingError in the training thread at the next `submit`,
@@ -193,8 +229,9 @@ class CheckpointWriter:
     the newest verified checkpoint; `blocked_seconds` the loop's wait of the last save.
     """
 
-    def __init__(self, background: bool = True):
+    def __init__(self, background: bool = True, keep_buffers: bool = True):
         self.background = background
+        self._staging = StagingBuffers() if keep_buffers else None
         self.completed: Path | None = None
         self.blocked_seconds = 0.0
         self._thread: threading.Thread | None = None
@@ -211,7 +248,7 @@ class CheckpointWriter:
             self._write(state, Path(path))
             self.raise_if_failed()
         else:
-            snapshot = host_copy(state)
+            snapshot = self._staging.copy(state) if self._staging is not None else host_copy(state)
             self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)),
                                             name="selfflow-checkpoint-writer")
             self._thread.start()

@@ -290,7 +290,8 @@ class Trainer:
         self.retention = ckpt.Retention(
             self.checkpoint_dir, self.config.keep_checkpoints, self.config.keep_best_metric, self.config.keep_best_mode
         )
-        self.writer = ckpt.CheckpointWriter(background=self.config.checkpoint_mode == "background")
+        self.writer = ckpt.CheckpointWriter(background=self.config.checkpoint_mode == "background",
+                                             keep_buffers=self.config.checkpoint_host_buffers == "reuse")
         self.checkpointed_step: int | None = None  # the step of the newest write_checkpoint (every rank)
         self._warned_best_metric = False
         self._gathered_generators: list[torch.Tensor] | None = None
