@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -71,6 +72,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if result.parent_run_id:
         print(f"mlflow parent run: {result.parent_run_id}  ({result.tracking_uri})")
     print(f"sweep wall time:   {result.wall_s:.0f} s")
+    if result.interrupted:
+        print(f"selfflow: sweep interrupted by {signal.Signals(result.interrupted).name}: unfinished trials are "
+              f"marked KILLED and keep their newest checkpoints", file=sys.stderr, flush=True)
+        return 128 + result.interrupted
     return 1 if result.failed else 0
 
 
@@ -87,6 +92,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
                            plots_dir=args.plots_dir, report_only=args.report_only)
     finally:
         ray_cluster.shutdown()
+    if result.interrupted:
+        sweep, signum = result.interrupted
+        print(f"selfflow: study interrupted by {signal.Signals(signum).name} in sweep {sweep}: finished trials are "
+              f"in MLflow and are not rerun; run the same command to continue (--report-only writes the report "
+              f"from what is finished)", file=sys.stderr, flush=True)
+        return 128 + signum
     report = result.report
     print(f"report:          {report.path}  ({report.finished} of {report.planned} trials finished, "
           f"{len(report.plots)} plots)")

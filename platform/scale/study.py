@@ -533,6 +533,7 @@ class StudyResult:
     skipped: dict[str, int]  # sweep -> finished trials found in the store
     failed: list[str]
     wall_s: float
+    interrupted: tuple[str, int] | None = None  # (sweep, signal) that stopped the study; no report then
 
 
 def open_store(study: Study, tracking_uri: str | None):
@@ -562,7 +563,8 @@ def selected(study: Study, sections: Sequence[str] | None) -> list[str]:
 def run_study(study: Study, *, sections: Sequence[str] | None = None, tracking_uri: str | None = None,
               out: str | os.PathLike | None = None, plots_dir: str | os.PathLike | None = None,
               report_only: bool = False) -> StudyResult:
-    """Run the trials of the chosen sections that the store has not finished, then write the report."""
+    """Run the trials of the chosen sections that the store has not finished, then write the report.
+    A sweep stopped by SIGINT/SIGTERM ends the sitting there, without a report (`interrupted`)."""
     started = time.perf_counter()
     chosen = selected(study, sections)
     store = open_store(study, tracking_uri)
@@ -592,6 +594,9 @@ def run_study(study: Study, *, sections: Sequence[str] | None = None, tracking_u
                                             store_tags.TAG_BUDGET: study.budget, store_tags.TAG_SWEEP: sweep.name})
             ran[sweep.name] = result
             failed += [f"{sweep.name}: {t.group} seed {t.seed}: {t.error}" for t in result.failed]
+            if result.interrupted:  # a signal ends the sitting: no later sweep starts
+                return StudyResult(None, ran, skipped, failed, time.perf_counter() - started,
+                                   interrupted=(sweep.name, result.interrupted))
             store = open_store(study, tracking_uri)  # a fresh read for the next sweep
     plan = study.report_plan()
     planned_keys = {t.key for t in plan.trials}

@@ -34,16 +34,19 @@ never exceeds what the cluster's CPUs (and GPUs) can run at once.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import gin
 
@@ -62,6 +65,7 @@ from selfflow.platform.scale.ray_train import (
     worker_environment,
 )
 from selfflow.platform.train.driver import RunSpec, experiment_name_in_config, launch_tags
+from selfflow.platform.train.interrupts import SIGNALS, RunInterrupted
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 SEARCHES = ("grid", "random", "optuna")
@@ -403,6 +407,7 @@ class SweepResult:
     trials: list[TrialOutcome]
     wall_s: float
     comparison: Any = None
+    interrupted: int | None = None  # the signal that stopped the sweep before its trials ended
 
     @property
     def failed(self) -> list[TrialOutcome]:
@@ -490,6 +495,40 @@ def _brief(result: dict | None) -> str:
     result = result or {}
     keys = [k for k in ("step", "loss/total", "loss/flow", "eval/fd") if k in result]
     return " ".join(f"{k}={result[k]:.4g}" for k in keys)
+
+
+@contextlib.contextmanager
+def tune_stops_on_signal() -> Iterator[list[int]]:
+    """While Tune runs in this (main) thread: the first SIGINT or SIGTERM is recorded in the yielded
+    list and asks Tune to stop as its own Ctrl+C does (trials end, each keeping its newest checkpoint;
+    the experiment state is saved); a second raises RunInterrupted at once. Tune's own SIGINT handler
+    would swallow the signal (fit returns as if the sweep were done) and it leaves SIGTERM alone, so
+    ours takes both and reaches Tune through the SIGUSR1 handler Tune always installs."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield received
+        return
+
+    def on_signal(signum: int, frame) -> None:
+        if received:
+            raise RunInterrupted(received[0])
+        received.append(signum)
+        print(f"selfflow sweep: {signal.Signals(signum).name}: stopping the trials (each keeps its newest "
+              f"checkpoint; signal again to stop at once)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {number: signal.signal(number, on_signal) for number in SIGNALS}
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by Tuner.fit: keep ours for SIGINT
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
 
 
 def run_sweep(
@@ -580,17 +619,17 @@ def run_sweep(
             callbacks=[_printer()], verbose=0,
         ),
     )
-    status = "FAILED"
     try:
-        grid = tuner.fit()
+        with tune_stops_on_signal() as received:
+            grid = tuner.fit()
         outcomes = [_outcome(result, spec, steps, sweep_dir) for result in grid]
         _close_child_runs(outcomes, uri)
-        status = "FINISHED" if any(o.status != "failed" for o in outcomes) else "FAILED"
-    finally:
-        if parent is not None and status == "FAILED":
-            parent.finish("FAILED")
+    except BaseException as error:
+        if parent is not None:
+            parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
     result = SweepResult(sweep_dir=sweep_dir, parent_run_id=parent_id, tracking_uri=uri, trials=outcomes,
-                         wall_s=time.perf_counter() - started)
+                         wall_s=time.perf_counter() - started, interrupted=received[0] if received else None)
     summary = write_summary(result, spec)
     if parent is not None:
         parent.log_metrics({"sweep/trials": len(outcomes), "sweep/failed": len(result.failed),
@@ -600,7 +639,7 @@ def run_sweep(
 
         header = first_header([gin_config.resolve_config_file(path)]) if path else description
         describe_children(parent, spec, outcomes, header)
-    if compare and parent_id:
+    if compare and parent_id and result.interrupted is None:
         from selfflow.platform.tracking.compare import compare_runs
 
         try:
@@ -611,7 +650,8 @@ def run_sweep(
             print(f"selfflow: warning: sweep comparison skipped: {error.one_line()}", file=sys.stderr, flush=True)
     if parent is not None:
         parent.log_metrics({"sweep/wall_s": time.perf_counter() - started}, step=1)
-        parent.finish("FINISHED")
+        finished = any(o.status != "failed" for o in outcomes)
+        parent.finish("KILLED" if result.interrupted else "FINISHED" if finished else "FAILED")
     result.wall_s = time.perf_counter() - started
     return result
 
@@ -687,8 +727,9 @@ def _close_child_runs(outcomes: list[TrialOutcome], uri: str | None) -> None:
 
 
 def write_summary(result: SweepResult, spec: SweepSpec) -> Path:
+    stopped = f", stopped by {signal.Signals(result.interrupted).name}" if result.interrupted else ""
     lines = [f"sweep {spec.name}: {len(result.trials)} trials, {len(result.failed)} failed, "
-             f"wall {result.wall_s:.0f} s", ""]
+             f"wall {result.wall_s:.0f} s{stopped}", ""]
     header = f"{'trial':<14} {'status':<14} {'steps':>6} {spec.metric:>14}  group (seed)"
     lines.append(header)
     for t in sorted(result.trials, key=lambda t: (t.group, t.seed)):

@@ -66,6 +66,12 @@ Study.claims = [{{'id': '1', 'statement': 'wider is better', 'kind': 'better', '
                   'a': 'fm:hidden_dim=48', 'b': 'fm:hidden_dim=32'}}]
 """
 
+# Two sweeps of two trials each: a SIGINT during the first must end the sitting there.
+INTERRUPT_STUDY = KILL_STUDY.replace("Study.name = 'killed'", "Study.name = 'interrupted'").replace(
+    "Study.sweeps = {'fm': {'base_files': ['digits/fm.gin'], 'space': {'DiT.hidden_dim': ('grid', [32, 48])}}}",
+    "Study.sweeps = {'fm': {'base_files': ['digits/fm.gin'], 'space': {'DiT.hidden_dim': ('grid', [32])}}, "
+    "'later': {'base_files': ['digits/fm.gin'], 'space': {'DiT.hidden_dim': ('grid', [48])}}}")
+
 
 # ---- planning (no training) ------------------------------------------------------------------------
 
@@ -259,3 +265,44 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(in_tmp, tmp_pa
         per_key = dict(connection.execute("SELECT t.value, COUNT(*) FROM tags t WHERE t.key = 'study.key' "
                                           "GROUP BY t.value").fetchall())
     assert all(per_key[key] == 1 for key in before)  # no second run of a finished trial
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sigint_ends_the_sitting_in_its_sweep_and_marks_it_killed(in_tmp):
+    study_file = in_tmp / "interrupted.gin"
+    study_file.write_text(INTERRUPT_STUDY)
+    runs = in_tmp / "runs"
+    db = runs / "mlflow.db"
+    ray_tmp = Path(f"/tmp/sf_stint_{os.getpid()}")
+    env = dict(os.environ, SELFFLOW_RAY_TMPDIR=str(ray_tmp))
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(study_command(study_file, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not finished_runs(db):  # mid-way through the first sweep: its first trial is done
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # the study process alone, as `pkill -INT` does
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, output[-3000:]
+    assert "selfflow sweep: SIGINT: stopping the trials" in output
+    assert "study interrupted by SIGINT in sweep fm" in output, output[-3000:]
+    assert "later: " not in output  # the next sweep never started
+    sittings = list((runs / "studies" / "interrupted-quick" / "sittings").glob("*"))
+    assert len(sittings) == 1 and not (sittings[0] / "later").exists()
+    assert "stopped by SIGINT" in (sittings[0] / "fm" / "summary.txt").read_text()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        parents = connection.execute("SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                                     "WHERE t.key = 'sweep.role' AND t.value = 'parent'").fetchall()
+    assert parents == [("KILLED",)]
+    deadline = time.monotonic() + 60
+    while processes_using(str(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not processes_using(str(ray_tmp)), "the interrupted study left processes behind"
