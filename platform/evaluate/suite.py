@@ -9,6 +9,8 @@ Logged (step = training step), named so that the MLflow UI's chart sections (one
 its last '/') each hold one kind of figure:
   eval/fd                  Fréchet distance, N generated samples vs the test split, evaluator features
   eval/fd_data_floor       the same with N real train images in place of samples (what a perfect model scores)
+  eval/fd_tokenizer_floor  the same real train images after the tokenizer's encode and decode (what a perfect
+                           model in the tokenizer's space scores: the data floor for lossless tokenizers)
   eval/sample_class_acc    share of samples of class c the evaluator labels c (class-conditional models)
   eval/precision, recall   k-NN precision/recall on evaluator features
   eval/evaluator_test_acc  the evaluator's own test accuracy (is it competent?)
@@ -26,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -40,7 +42,8 @@ from selfflow.components.metrics.probes import ProbeResults, probe_backbone
 from selfflow.components.metrics.sample_quality import class_accuracy, knn_precision_recall
 from selfflow.components.metrics.stratified import StratifiedLoss, stratified_flow_loss
 from selfflow.platform.errors import ConfigError
-from selfflow.platform.evaluate.eval_data import EvalData, fixed_subset, generation_labels, load_eval_data
+from selfflow.platform.evaluate.eval_data import (EvalData, as_images, fixed_subset, generation_labels,
+                                                   load_eval_data)
 from selfflow.platform.evaluate.evaluators import ClassifierEvaluator, LoadedEvaluator
 from selfflow.platform.evaluate.generation import generate
 
@@ -63,6 +66,7 @@ class EvalContext:
     reference: FrechetDistance
     test_features: torch.Tensor
     data_floor: dict[int, float]
+    tokenizer_floor: dict[int, float] = field(default_factory=dict)
 
 
 # ---- the suite -----------------------------------------------------------------------------------
@@ -171,18 +175,31 @@ class EvalSuite:
         self._context_key = key
         return self._context
 
+    def _floor_index(self, context: EvalContext, count: int) -> torch.Tensor:
+        """The `count` train images both floors use (with replacement when there are fewer)."""
+        total = context.data.train_images.shape[0]
+        if count <= total:
+            return fixed_subset(count, total, self.sample_seed)
+        return torch.randint(total, (count,), generator=torch.Generator().manual_seed(self.sample_seed))
+
     def data_floor(self, context: EvalContext, count: int) -> float:
         """FD of `count` real train images against the test split: what a perfect generator scores."""
         if count not in context.data_floor:
-            train = context.data.train_images
-            if count <= train.shape[0]:
-                index = fixed_subset(count, train.shape[0], self.sample_seed)
-            else:  # more samples than train images: draw with replacement
-                generator = torch.Generator().manual_seed(self.sample_seed)
-                index = torch.randint(train.shape[0], (count,), generator=generator)
-            features, _ = batched_outputs(context.evaluator.network, train[index])
+            images = context.data.train_images[self._floor_index(context, count)]
+            features, _ = batched_outputs(context.evaluator.network, images)
             context.data_floor[count] = context.reference(features)
         return context.data_floor[count]
+
+    def tokenizer_floor(self, tokenizer, context: EvalContext, count: int) -> float:
+        """FD of the same real train images after tokenizer.encode and .decode: what a perfect generator
+        of tokens scores. A lossy tokenizer (an autoencoder, a spectrogram without phase) lifts it above
+        `data_floor`; a pixel tokenizer leaves it there."""
+        if count not in context.tokenizer_floor:
+            stored = context.data.train_x[self._floor_index(context, count)]
+            images = as_images(tokenizer, stored, context.data.data_range)
+            features, _ = batched_outputs(context.evaluator.network, images)
+            context.tokenizer_floor[count] = context.reference(features)
+        return context.tokenizer_floor[count]
 
     # -- the three parts ----------------------------------------------------------------------
 
@@ -214,6 +231,7 @@ class EvalSuite:
         images, labels = self.generate_samples(experiment, model, context, num_samples, seed)
         features, logits = batched_outputs(context.evaluator.network, images)
         metrics = {"eval/fd": context.reference(features), "eval/fd_data_floor": self.data_floor(context, num_samples),
+                   "eval/fd_tokenizer_floor": self.tokenizer_floor(experiment.tokenizer, context, num_samples),
                    f"{TIMING}generated_samples": float(num_samples)}
         if labels is not None and logits is not None and logits.shape[1] == experiment.num_classes:
             metrics["eval/sample_class_acc"] = class_accuracy(logits, labels)

@@ -38,7 +38,7 @@ BUCKETS = [f"loss_by_t/t{i / 10:.2f}-{(i + 1) / 10:.2f}" for i in range(10)]
 
 
 def expected_metric_names() -> set[str]:
-    names = {"eval/fd", "eval/fd_data_floor", "eval/sample_class_acc", "eval/precision", "eval/recall",
+    names = {"eval/fd", "eval/fd_data_floor", "eval/fd_tokenizer_floor", "eval/sample_class_acc", "eval/precision", "eval/recall",
              "eval/evaluator_test_acc", "timing/eval/seconds", "timing/eval/cpu_seconds",
              "timing/eval/generation_seconds", "timing/eval/probes_seconds", "timing/eval/loss_by_t_seconds",
              "timing/eval/generated_samples", "probe/linear/best", "probe/knn/best", "probe/linear/best_block",
@@ -84,6 +84,8 @@ def test_training_logs_every_metric_at_each_evaluation_step(trained):
     assert all(math.isfinite(metrics[key]) for key in expected_metric_names())
     # A few dozen steps are far from real data: the floor (real images) must score better.
     assert 0.0 <= metrics["eval/fd_data_floor"] < metrics["eval/fd"]
+    # Pixels survive the tokenizer exactly: its floor is the data floor.
+    assert metrics["eval/fd_tokenizer_floor"] == pytest.approx(metrics["eval/fd_data_floor"], rel=1e-4, abs=1e-6)
     for kind in ("linear", "knn"):  # "best" is the best cell of the block x level table
         cells = [value for key, value in metrics.items() if key.startswith(f"probe_grid/{kind}/")]
         assert metrics[f"probe/{kind}/best"] == max(cells)
