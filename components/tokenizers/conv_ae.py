@@ -36,11 +36,13 @@ def _positive_int(name: str, value: Any) -> int:
 
 class ConvAutoencoder(nn.Module):
     """images (B, in_channels, S, S) in data_range <-> latents (B, latent_channels, S / 2^downsample, ...);
-    with dims=1, waveforms (B, in_channels, S) <-> latents (B, latent_channels, S / 2^downsample).
+    with dims=1, waveforms (B, in_channels, S) <-> latents (B, latent_channels, S / 2^downsample);
+    with dims=3, clips (B, in_channels, T, H, W) <-> latents (B, latent_channels, T / 2^d, H / 2^d, W / 2^d).
 
     Encoder: conv3x3 -> [conv4x4 stride 2] x downsample -> conv3x3 -> conv1x1 to latent_channels.
     Decoder: the mirror with transposed convolutions. SiLU between layers, linear output.
-    dims=1 uses the same layers in 1-D (kernel 3, 4 and 1 along time).
+    dims=1 uses the same layers in 1-D (kernel 3, 4 and 1 along time), dims=3 in 3-D (time, rows, cols).
+    image_size: one size for every axis, or one per axis (e.g. (frames, rows, cols) for clips).
     Buffers latent_mean / latent_std (per channel) are set by fit_conv_autoencoder.
     seed: parameter initialisation (a private RNG; the global one is untouched).
     """
@@ -48,7 +50,7 @@ class ConvAutoencoder(nn.Module):
     def __init__(
         self,
         in_channels: int = 1,
-        image_size: int = 8,
+        image_size: int | Sequence[int] = 8,
         latent_channels: int = 4,
         hidden_channels: int = 32,
         downsample: int = 1,
@@ -57,28 +59,32 @@ class ConvAutoencoder(nn.Module):
         dims: int = 2,
     ) -> None:
         super().__init__()
-        if dims not in (1, 2) or isinstance(dims, bool):
-            raise ValueError(f"dims must be 1 (waveforms) or 2 (images), got {dims!r}")
-        for name, value in (("in_channels", in_channels), ("image_size", image_size),
+        if dims not in (1, 2, 3) or isinstance(dims, bool):
+            raise ValueError(f"dims must be 1 (waveforms), 2 (images) or 3 (clips), got {dims!r}")
+        sizes = (image_size,) * dims if isinstance(image_size, int) else tuple(image_size)
+        if len(sizes) != dims:
+            raise ValueError(f"image_size must be an int or {dims} sizes (one per axis), got {image_size!r}")
+        for name, value in (("in_channels", in_channels), *(("image_size", size) for size in sizes),
                             ("latent_channels", latent_channels), ("hidden_channels", hidden_channels)):
             _positive_int(name, value)
         if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 0:
             raise ValueError(f"downsample must be an int >= 0, got {downsample!r}")
-        if image_size % (2 ** downsample):
+        if any(size % (2 ** downsample) for size in sizes):
             raise ValueError(f"image_size {image_size} is not divisible by 2^downsample = {2 ** downsample}")
         low, high = (float(v) for v in data_range)
         if not high > low:
             raise ValueError(f"data_range must be (low, high) with high > low, got {tuple(data_range)}")
-        self.config = {"in_channels": in_channels, "image_size": image_size, "latent_channels": latent_channels,
+        self.config = {"in_channels": in_channels, "image_size": image_size if isinstance(image_size, int) else list(sizes),
+                       "latent_channels": latent_channels,
                        "hidden_channels": hidden_channels, "downsample": downsample,
                        "data_range": [low, high], "seed": seed, "dims": dims}
         self.dims = dims
-        self.image_shape = (in_channels,) + (image_size,) * dims
-        side = image_size // 2 ** downsample
-        self.latent_shape = (latent_channels,) + (side,) * dims
+        self.image_shape = (in_channels, *sizes)
+        self.latent_shape = (latent_channels, *(size // 2 ** downsample for size in sizes))
         self.data_range = (low, high)
         width = hidden_channels
-        conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        conv, transposed = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d),
+                            3: (nn.Conv3d, nn.ConvTranspose3d)}[dims]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             down = [layer for _ in range(downsample)

@@ -15,7 +15,8 @@ from selfflow.platform.errors import UserError
 @configurable(module="tokenizers")
 class AutoencoderTraining:
     """Train a ConvAutoencoder on a dataset's train split; write it (with its latent statistics) to `out`.
-    Audio data (ShardData.modality 'audio') gets the 1-D autoencoder over time."""
+    Audio data (ShardData.modality 'audio') gets the 1-D autoencoder over time, video the 3-D one
+    over (frames, rows, cols)."""
 
     def __init__(self, data=gin.REQUIRED, latent_channels: int = 4, hidden_channels: int = 32, downsample: int = 1,
                  data_range: tuple = (0.0, 1.0), steps: int = 2000, lr: float = 1e-3, batch_size: int = 128,
@@ -31,10 +32,13 @@ class AutoencoderTraining:
         train_x, _ = self.data.arrays(self.data.train_split)
         test_x, _ = self.data.arrays(self.data.eval_split)
         train_x = torch.as_tensor(train_x, dtype=torch.float32)
-        audio = getattr(self.data, "modality", "image") == "audio"
-        if audio:
+        modality = getattr(self.data, "modality", "image")
+        if modality == "audio":
             if train_x.dim() != 3:
                 raise UserError(f"AutoencoderTraining needs waveforms (M, C, T) for audio, got {tuple(train_x.shape)}")
+        elif modality == "video":
+            if train_x.dim() != 5:
+                raise UserError(f"AutoencoderTraining needs clips (M, C, T, H, W) for video, got {tuple(train_x.shape)}")
         else:
             if train_x.dim() == 3:
                 train_x = train_x.unsqueeze(1)
@@ -42,9 +46,9 @@ class AutoencoderTraining:
                 raise UserError(f"AutoencoderTraining needs square images (M, C, S, S), got {tuple(train_x.shape)}")
         try:
             model = ConvAutoencoder(
-                in_channels=int(train_x.shape[1]), image_size=int(train_x.shape[-1]),
+                in_channels=int(train_x.shape[1]), image_size=[int(size) for size in train_x.shape[2:]],
                 latent_channels=self.latent_channels, hidden_channels=self.hidden_channels,
-                downsample=self.downsample, data_range=self.data_range, seed=self.seed, dims=1 if audio else 2,
+                downsample=self.downsample, data_range=self.data_range, seed=self.seed, dims=train_x.dim() - 2,
             )
             metrics = fit_conv_autoencoder(
                 model, train_x, steps=self.steps, lr=self.lr, batch_size=self.batch_size,

@@ -94,7 +94,7 @@ def quick_encoders(tmp_path_factory, digits_root, spoken_digits_root, moving_dig
 
 
 @pytest.fixture(scope="session")
-def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root) -> Path:
+def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root, moving_digits_root) -> Path:
     """Latent presets point at platform-trained conv autoencoders: make tiny ones."""
     from selfflow.platform.data.sources import ShardData
     from selfflow.platform.jobs.autoencoders import AutoencoderTraining
@@ -106,6 +106,9 @@ def quick_autoencoders(tmp_path_factory, digits_root, spoken_digits_root) -> Pat
     audio = ShardData(root=str(spoken_digits_root), num_classes=10, data_shape=(1, 5120), modality="audio")
     AutoencoderTraining(audio, latent_channels=8, hidden_channels=4, downsample=4, data_range=(-1.0, 1.0), steps=2,
                         batch_size=4, out=str(folder / "conv_ae_audio.pt")).run()
+    video = ShardData(root=str(moving_digits_root), num_classes=10, data_shape=(1, 8, 16, 16), modality="video")
+    AutoencoderTraining(video, latent_channels=8, hidden_channels=4, downsample=2, steps=2, batch_size=4,
+                        out=str(folder / "conv_ae_video.pt")).run()
     return folder
 
 

@@ -317,7 +317,7 @@ def test_conv_ae_1d_shapes_layers_and_checks():
     with pytest.raises(ValueError, match=r"\(B, 1, 256\)"):
         model.encode(torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError, match="dims must be 1"):
-        ConvAutoencoder(dims=3)
+        ConvAutoencoder(dims=4)
     tokenizer = ConvAETokenizer(model, patch_size=4)
     assert tokenizer.token_shape == (8, 32) and tokenizer.grid == (8,)
 
@@ -348,3 +348,47 @@ def test_autoencoder_cli_trains_the_audio_preset(in_tmp, spoken_digits_root, cap
     tokenizer = conv_ae_from("runs/autoencoders/conv_ae_audio.pt", patch_size=4)
     assert tokenizer.latent_shape == (8, 320) and tokenizer.token_shape == (80, 32)
     assert tokenizer.decode(tokenizer.encode(torch.zeros(2, 1, 5120))).shape == (2, 1, 5120)
+
+
+# ----- the 3-D (video) conv autoencoder ---------------------------------------------------------
+
+def moving_squares(count: int, frames: int = 4, side: int = 8, seed: int = 0) -> torch.Tensor:
+    """(count, 1, frames, side, side): a 3x3 square moving one pixel a frame to the right."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, side - 2, (count,), generator=generator)
+    cols = torch.randint(0, side - 2 - frames, (count,), generator=generator)
+    clips = torch.zeros(count, 1, frames, side, side)
+    for n in range(count):
+        for frame in range(frames):
+            clips[n, 0, frame, rows[n]:rows[n] + 3, cols[n] + frame:cols[n] + frame + 3] = 1.0
+    return clips
+
+
+def test_conv_ae_3d_shapes_per_axis_sizes_and_checks():
+    model = ConvAutoencoder(image_size=(8, 16, 16), latent_channels=8, hidden_channels=4, downsample=2, dims=3)
+    assert model.image_shape == (1, 8, 16, 16) and model.latent_shape == (8, 2, 4, 4)
+    assert any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+    assert model.encode(torch.zeros(2, 1, 8, 16, 16)).shape == (2, 8, 2, 4, 4)
+    assert model.decode(torch.zeros(2, 8, 2, 4, 4)).shape == (2, 1, 8, 16, 16)
+    assert ConvAutoencoder(image_size=8, downsample=1, dims=3).latent_shape == (4, 4, 4, 4)
+    with pytest.raises(ValueError, match="one per axis"):
+        ConvAutoencoder(image_size=(8, 16), dims=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        ConvAutoencoder(image_size=(6, 16, 16), downsample=2, dims=3)
+    tokenizer = ConvAETokenizer(model, patch_size=1)
+    assert tokenizer.token_shape == (32, 8) and tokenizer.grid == (2, 4, 4)
+    assert tokenizer.decode(tokenizer.encode(torch.zeros(3, 1, 8, 16, 16))).shape == (3, 1, 8, 16, 16)
+
+
+def test_conv_ae_3d_learns_clips_and_survives_save_load(tmp_path):
+    clips = moving_squares(48)
+    model = ConvAutoencoder(image_size=(4, 8, 8), latent_channels=4, hidden_channels=8, downsample=1, dims=3)
+    with torch.no_grad():
+        untrained = torch.mean((model(clips) - clips) ** 2).item()
+    metrics = fit_conv_autoencoder(model, clips[:32], steps=120, lr=3e-3, batch_size=16,
+                                   generator=torch.Generator().manual_seed(0), test_images=clips[32:])
+    assert metrics["test_mse"] < 0.2 * untrained
+    loaded = load_conv_autoencoder(save_conv_autoencoder(model, tmp_path / "video.pt"))
+    assert loaded.dims == 3 and loaded.image_shape == (1, 4, 8, 8) and loaded.latent_shape == (4, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clips[:4]), model(clips[:4]))
