@@ -54,23 +54,36 @@ def train(preset: str, runs: Path, selfflow: str) -> float:
     return wall
 
 
+def evaluation_seconds(run_dir: Path) -> float:
+    """Wall time of every evaluation of the run (evaluator fit included), from its metrics files."""
+    total = 0.0
+    for path in (run_dir / "eval").glob("metrics-step*.json"):
+        metrics = json.loads(path.read_text())["metrics"]
+        total += float(metrics.get("timing/eval/seconds", metrics.get("eval/seconds", 0.0)))
+    return total
+
+
 def table(presets: list[str], runs: Path) -> str:
-    lines = ["| preset | steps | sample class acc | FD | floor | FD / floor | wall s | goal met |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Training time = the whole command's wall time minus its evaluations': the goal's time column."""
+    lines = ["| preset | steps | sample class acc | FD | floor | FD / floor | wall s | evaluation s | training s "
+             "| goal met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         run_dir = runs / run_name(preset)
         found = last_metrics(run_dir)
         if found is None:
-            lines.append(f"| `{preset}` | not run | | | | | | |")
+            lines.append(f"| `{preset}` | not run | | | | | | | | |")
             continue
         step, metrics = found
         wall_file = run_dir / "wall_seconds.txt"
         wall = float(wall_file.read_text()) if wall_file.is_file() else float("nan")
         accuracy, fd, floor = metrics["eval/sample_class_acc"], metrics["eval/fd"], metrics["eval/fd_data_floor"]
         _, goal_acc, goal_ratio, goal_wall = ROWS[preset]
-        met = accuracy >= goal_acc and fd / floor <= goal_ratio and wall <= goal_wall
+        evaluation = evaluation_seconds(run_dir)
+        training = wall - evaluation
+        met = accuracy >= goal_acc and fd / floor <= goal_ratio and training <= goal_wall
         lines.append(f"| `{preset}` | {step} | {accuracy:.3f} | {fd:.1f} | {floor:.1f} | {fd / floor:.2f} | "
-                     f"{wall:.0f} | {'yes' if met else 'no'} |")
+                     f"{wall:.0f} | {evaluation:.0f} | {training:.0f} | {'yes' if met else 'no'} |")
     return "\n".join(lines)
 
 
